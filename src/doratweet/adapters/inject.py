@@ -1,0 +1,273 @@
+"""Put adapters into a model, and save/load/merge them in PEFT's on-disk format.
+
+PEFT's format is two files: `adapter_config.json` (a LoraConfig) and `adapter_model.safetensors` with keys
+`base_model.model.<module path>.lora_A.weight`, `.lora_B.weight` and, for DoRA, `.lora_magnitude_vector`.
+Writing exactly that lets `peft.PeftModel.from_pretrained` and the Hub's tooling read our adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import UserError
+from .dora import DoRALinear
+from .lora import LoRALinear
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+ADAPTER_TYPES = (DoRALinear, LoRALinear)
+
+
+@dataclass
+class AdapterConfig:
+    method: str = "dora"  # "dora" | "lora"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    use_rslora: bool = False
+    base_model_id: str | None = None
+    extra: dict = field(default_factory=dict)  # doratweet settings kept beside PEFT's (prompt, labels)
+
+    def to_peft(self) -> dict:
+        """The fields of PEFT's LoraConfig that describe this adapter; PEFT fills in the rest itself."""
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": self.base_model_id,
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": sorted(self.targets),
+            "use_dora": self.method == "dora",
+            "use_rslora": self.use_rslora,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "modules_to_save": None,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "doratweet": self.extra,
+        }
+
+    @classmethod
+    def from_peft(cls, raw: dict, where: str) -> "AdapterConfig":
+        if raw.get("peft_type", "LORA") != "LORA":
+            raise UserError(f"{where}: peft_type {raw.get('peft_type')!r} is not a LoRA/DoRA adapter")
+        for unsupported in ("rank_pattern", "alpha_pattern"):
+            if raw.get(unsupported):
+                raise UserError(f"{where}: per-module {unsupported} is not supported; use one rank/alpha for all")
+        if raw.get("modules_to_save"):
+            raise UserError(f"{where}: modules_to_save is not supported (the adapter also trains full modules)")
+        if raw.get("bias", "none") != "none" or raw.get("lora_bias"):
+            raise UserError(f"{where}: adapters with trained biases are not supported")
+        targets = raw.get("target_modules") or []
+        return cls(
+            method="dora" if raw.get("use_dora") else "lora",
+            rank=int(raw["r"]),
+            alpha=float(raw["lora_alpha"]),
+            dropout=float(raw.get("lora_dropout") or 0.0),
+            targets=(targets,) if isinstance(targets, str) else tuple(targets),
+            use_rslora=bool(raw.get("use_rslora")),
+            base_model_id=raw.get("base_model_name_or_path"),
+            extra=raw.get("doratweet") or {},
+        )
+
+
+def add_adapters(
+    model: nn.Module,
+    method: str = "dora",
+    rank: int = 16,
+    alpha: float = 32,
+    dropout: float = 0.0,
+    targets: tuple[str, ...] | list[str] | str = DEFAULT_TARGETS,
+    use_rslora: bool = False,
+) -> nn.Module:
+    """Replace the target linears with DoRA/LoRA wrappers in place and freeze everything else.
+
+    `targets` are module-name suffixes (`q_proj` matches `model.layers.3.self_attn.q_proj`), or one string
+    that is a regular expression over full module names (PEFT's convention).
+    """
+    if method not in ("dora", "lora"):
+        raise UserError(f"--method {method!r}: choose dora or lora")
+    if rank < 1:
+        raise UserError(f"--rank {rank}: must be at least 1")
+    if not 0.0 <= dropout < 1.0:
+        raise UserError(f"--dropout {dropout}: must be in [0, 1)")
+    if get_adapter_config(model) is not None:
+        raise UserError("this model already has adapters; load a fresh base model")
+    names = _target_module_names(model, targets)
+    wrapper = DoRALinear if method == "dora" else LoRALinear
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent, child = _parent(model, name)
+        setattr(parent, child, wrapper(getattr(parent, child), rank, alpha, dropout, use_rslora))
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    model.doratweet_adapter = AdapterConfig(method, rank, float(alpha), dropout, targets, use_rslora)
+    return model
+
+
+def get_adapter_config(model: nn.Module) -> AdapterConfig | None:
+    return getattr(model, "doratweet_adapter", None)
+
+
+def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)}
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in adapter_modules(model).values() for p in _own_parameters(m).values()]
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights under PEFT's key names."""
+    state = {}
+    for name, module in adapter_modules(model).items():
+        for own, tensor in _own_parameters(module).items():
+            state[_peft_key(name, own)] = tensor.detach().contiguous()
+    return state
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_id: str | None = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors; each file appears whole or not at all."""
+    config = get_adapter_config(model)
+    assert config is not None, "save_adapter needs a model with adapters (add_adapters or load_adapter)"
+    if base_model_id is not None:
+        config.base_model_id = base_model_id
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
+    _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config.to_peft(), indent=2) + "\n"
+    _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
+    config_file = Path(path) / CONFIG_FILE
+    if not config_file.is_file():
+        raise UserError(f"--adapter {path}: no {CONFIG_FILE} there; pass the folder that holds the adapter")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_file}: not valid JSON (line {err.lineno}: {err.msg})") from err
+    return AdapterConfig.from_peft(raw, str(config_file))
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Add the adapter saved at `path` (by doratweet or by PEFT) to a base model without adapters."""
+    config = read_adapter_config(path)
+    weights_file = Path(path) / WEIGHTS_FILE
+    if not weights_file.is_file():
+        raise UserError(f"--adapter {path}: {WEIGHTS_FILE} is missing")
+    add_adapters(model, config.method, config.rank, config.alpha, config.dropout, config.targets, config.use_rslora)
+    get_adapter_config(model).base_model_id = config.base_model_id
+    get_adapter_config(model).extra = config.extra
+    saved = {_normalise_key(k): v for k, v in load_file(weights_file).items()}
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise UserError(
+            f"{weights_file}: {len(missing)} adapter tensors missing and {len(unexpected)} not in this model "
+            f"(e.g. {example}); wrong base model?"
+        )
+    with torch.no_grad():
+        for key, target in expected.items():
+            if saved[key].shape != target.shape:
+                raise UserError(
+                    f"{weights_file}: {key} has shape {tuple(saved[key].shape)}, the model needs "
+                    f"{tuple(target.shape)}; the adapter was trained on another base model"
+                )
+            target.copy_(saved[key])
+    return model
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base linear, leaving a plain transformers model."""
+    for name, module in adapter_modules(model).items():
+        base = module.base
+        base.weight.data = module.merged_weight()
+        parent, child = _parent(model, name)
+        setattr(parent, child, base)
+    if hasattr(model, "doratweet_adapter"):
+        del model.doratweet_adapter
+    return model
+
+
+def _target_module_names(model: nn.Module, targets) -> list[str]:
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    leaf_names = sorted({name.rsplit(".", 1)[-1] for name in linears})
+    if isinstance(targets, str):
+        names = [n for n in linears if re.fullmatch(targets, n)]
+        if not names:
+            raise UserError(f"--targets {targets!r} matches no linear module; the model has: {', '.join(leaf_names)}")
+        return names
+    unknown = [t for t in targets if t not in leaf_names]
+    if unknown or not targets:
+        raise UserError(
+            f"--targets: unknown module name(s) {', '.join(unknown) or '(none given)'}; "
+            f"this model's linear modules are: {', '.join(leaf_names)}"
+        )
+    # Never wrap the output head: it is tied to the embeddings in small models and is not a PEFT target.
+    return [n for n in linears if n.rsplit(".", 1)[-1] in targets and n != "lm_head"]
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _own_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    own = {"lora_A": module.lora_A, "lora_B": module.lora_B}
+    if isinstance(module, DoRALinear):
+        own["magnitude"] = module.magnitude
+    return own
+
+
+def _peft_key(module_name: str, own: str) -> str:
+    suffix = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}[own]
+    return f"{_PEFT_PREFIX}{module_name}.{suffix}"
+
+
+def _normalise_key(key: str) -> str:
+    # Older PEFT versions saved the magnitude as `lora_magnitude_vector.weight`; some tools drop the prefix.
+    if key.endswith("lora_magnitude_vector.weight"):
+        key = key[: -len(".weight")]
+    return key if key.startswith(_PEFT_PREFIX) else _PEFT_PREFIX + key
+
+
+def _atomic_write(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+__all__ = [
+    "AdapterConfig",
+    "DEFAULT_TARGETS",
+    "add_adapters",
+    "adapter_parameters",
+    "adapter_state_dict",
+    "get_adapter_config",
+    "load_adapter",
+    "merge_adapters",
+    "read_adapter_config",
+    "save_adapter",
+]

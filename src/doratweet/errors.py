@@ -1,0 +1,9 @@
+"""The one exception type for mistakes a user can fix (paths, columns, labels, options).
+
+The CLI prints its message as a single line and exits with status 2; everything else is a bug and keeps
+its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem in the user's input; the message names the file/line/option and what to do."""

@@ -1,0 +1,254 @@
+"""DoRA/LoRA written from scratch must behave exactly like PEFT's, and read/write PEFT's files."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from torch import nn
+
+from doratweet.adapters import (
+    DoRALinear,
+    LoRALinear,
+    add_adapters,
+    adapter_parameters,
+    load_adapter,
+    merge_adapters,
+    save_adapter,
+)
+from doratweet.errors import UserError
+
+peft = pytest.importorskip("peft")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def randomise_adapters(model, seed=1):
+    """Move A, B and m away from their init so comparisons exercise every term of the formula."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def peft_twin(model, method="dora", dropout=0.0, rank=4, alpha=8, targets=TARGETS, use_rslora=False):
+    """The same base model wrapped by PEFT, with its adapter weights copied from ours."""
+    from peft import LoraConfig, get_peft_model
+
+    base = copy.deepcopy(model)
+    for module in [m for m in base.modules()]:
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, (DoRALinear, LoRALinear)):
+                setattr(module, child_name, copy.deepcopy(child.base))
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+        use_dora=method == "dora", use_rslora=use_rslora,
+    )
+    twin = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, (DoRALinear, LoRALinear)):
+                peft_layer = twin.base_model.model.get_submodule(name)
+                peft_layer.lora_A["default"].weight.copy_(module.lora_A)
+                peft_layer.lora_B["default"].weight.copy_(module.lora_B)
+                if isinstance(module, DoRALinear):
+                    peft_layer.lora_magnitude_vector["default"].weight.copy_(module.magnitude)
+    return twin
+
+
+def max_rel_diff(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", ["dora", "lora"])
+def test_wrapped_model_equals_base_model_at_init(method, ids):
+    model, _ = build_tiny_model()
+    expected = model(ids).logits
+    add_adapters(model, method=method, rank=4, alpha=8)
+    assert torch.equal(model(ids).logits, expected)
+
+
+def test_magnitude_starts_as_row_norms_of_the_weight():
+    base = nn.Linear(8, 5)
+    layer = DoRALinear(base, rank=2, alpha=4)
+    assert torch.allclose(layer.magnitude, base.weight.norm(dim=1))
+
+
+def test_gradients_reach_A_B_m_and_nothing_else(ids):
+    model, _ = build_tiny_model()
+    add_adapters(model, method="dora", rank=4, alpha=8)
+    randomise_adapters(model)
+    model(ids).logits.sum().backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "magnitude") for n in trainable)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_unknown_target_lists_the_models_linear_modules():
+    model, _ = build_tiny_model()
+    with pytest.raises(UserError, match=r"unknown module name\(s\) qkv_proj.*q_proj"):
+        add_adapters(model, targets=("qkv_proj",))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("method", ["dora", "lora"])
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_outputs_and_gradients_equal_peft(arch, method, use_rslora, ids):
+    model, _ = build_tiny_model(arch)
+    add_adapters(model, method=method, rank=4, alpha=8, use_rslora=use_rslora)
+    randomise_adapters(model)
+    twin = peft_twin(model, method=method, use_rslora=use_rslora)
+
+    ours, theirs = model(ids).logits, twin(input_ids=ids).logits
+    assert max_rel_diff(ours, theirs) <= 1e-5
+    ours.pow(2).mean().backward()
+    theirs.pow(2).mean().backward()
+    for name, module in model.named_modules():
+        if isinstance(module, (DoRALinear, LoRALinear)):
+            peft_layer = twin.base_model.model.get_submodule(name)
+            assert max_rel_diff(module.lora_A.grad, peft_layer.lora_A["default"].weight.grad) <= 1e-5
+            assert max_rel_diff(module.lora_B.grad, peft_layer.lora_B["default"].weight.grad) <= 1e-5
+            if method == "dora":
+                assert max_rel_diff(module.magnitude.grad, peft_layer.lora_magnitude_vector["default"].weight.grad) <= 1e-5
+
+
+def test_input_gradient_equals_peft_for_a_single_dora_layer():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12, bias=True)
+    ours = DoRALinear(copy.deepcopy(base), rank=4, alpha=8)
+    randomise_adapters(ours)
+    twin = peft_twin(nn.Sequential(ours), targets=("0",))
+    x = torch.randn(3, 16, requires_grad=True)
+    x_twin = x.detach().clone().requires_grad_(True)
+    ours(x).sum().backward()
+    twin(x_twin).sum().backward()
+    assert max_rel_diff(x.grad, x_twin.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["dora", "lora"])
+def test_dropout_in_training_follows_peft_formula(method):
+    """Same dropout mask (same RNG state) -> same output and gradients as PEFT."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12, bias=True)
+    wrapper = DoRALinear if method == "dora" else LoRALinear
+    ours = nn.Sequential(wrapper(copy.deepcopy(base), rank=4, alpha=8, dropout=0.3))
+    randomise_adapters(ours)
+    twin = peft_twin(ours, method=method, dropout=0.3, targets=("0",))
+    ours.train(), twin.train()
+    x = torch.randn(5, 16)
+    torch.manual_seed(7)
+    out = ours(x)
+    torch.manual_seed(7)
+    expected = twin(x)
+    assert max_rel_diff(out, expected) <= 1e-5
+    out.sum().backward(), expected.sum().backward()
+    assert max_rel_diff(ours[0].lora_B.grad, twin.base_model.model[0].lora_B["default"].weight.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["dora", "lora"])
+def test_dropout_is_off_in_eval_mode_and_equals_peft(method, ids):
+    model, _ = build_tiny_model()
+    add_adapters(model, method=method, rank=4, alpha=8, dropout=0.2)
+    randomise_adapters(model)
+    twin = peft_twin(model, method=method, dropout=0.2)
+    model.eval(), twin.eval()
+    assert max_rel_diff(model(ids).logits, twin(input_ids=ids).logits) <= 1e-5
+
+
+def test_zero_weight_row_gives_finite_output():
+    base = nn.Linear(6, 4)
+    with torch.no_grad():
+        base.weight[2].zero_()
+    layer = DoRALinear(base, rank=2, alpha=4)
+    out = layer(torch.randn(3, 6))
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.isfinite(layer.lora_A.grad).all() and torch.isfinite(layer.magnitude.grad).all()
+
+
+def test_factored_norm_equals_dense_norm_and_refreshes_after_update():
+    torch.manual_seed(0)
+    layer = DoRALinear(nn.Linear(32, 24), rank=4, alpha=8)
+    randomise_adapters(layer)
+    dense = (layer.base.weight + layer.scaling * layer.lora_B @ layer.lora_A).norm(dim=1)
+    assert max_rel_diff(layer.weight_norm(), dense) <= 1e-6
+    with torch.no_grad():
+        layer.lora_B.add_(1.0)  # an in-place update, as an optimizer makes
+    dense = (layer.base.weight + layer.scaling * layer.lora_B @ layer.lora_A).norm(dim=1)
+    assert max_rel_diff(layer.weight_norm(), dense) <= 1e-6
+
+
+@pytest.mark.parametrize("method", ["dora", "lora"])
+def test_saved_adapter_loads_in_peft_with_same_logits(method, tmp_path, ids):
+    from peft import PeftModel
+
+    model, _ = build_tiny_model()
+    add_adapters(model, method=method, rank=4, alpha=8)
+    randomise_adapters(model)
+    save_adapter(model, tmp_path / "adapter", base_model_id="tiny/llama")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is (method == "dora") and config["base_model_name_or_path"] == "tiny/llama"
+
+    fresh, _ = build_tiny_model()
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    assert (model(ids).logits - loaded(input_ids=ids).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("use_dora", [True, False])
+def test_peft_trained_adapter_loads_in_doratweet_with_same_logits(use_dora, tmp_path, ids):
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = build_tiny_model()
+    twin = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=use_dora))
+    randomise_adapters(twin)
+    twin.save_pretrained(tmp_path / "peft")
+    expected = twin.eval()(input_ids=ids).logits
+
+    model, _ = build_tiny_model()
+    load_adapter(model, tmp_path / "peft")
+    assert (model(ids).logits - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("method", ["dora", "lora"])
+def test_merge_gives_a_plain_model_with_same_logits(method, ids, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = build_tiny_model()
+    add_adapters(model, method=method, rank=4, alpha=8)
+    randomise_adapters(model)
+    expected = model(ids).logits
+    merge_adapters(model)
+    assert not any(isinstance(m, (DoRALinear, LoRALinear)) for m in model.modules())
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (reloaded(ids).logits - expected).abs().max().item() <= 1e-4
+
+
+def test_adapter_parameters_are_the_only_trainable_ones():
+    model, _ = build_tiny_model()
+    add_adapters(model, method="dora", rank=4, alpha=8, targets=("k_proj", "v_proj"))
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in adapter_parameters(model)}
+    assert len(trainable) == 2 * 2 * 3  # 2 layers x (k, v) x (A, B, m)
+
+
+def test_load_adapter_rejects_a_mismatched_base_model(tmp_path):
+    model, _ = build_tiny_model()
+    add_adapters(model, rank=4, alpha=8)
+    save_adapter(model, tmp_path / "a")
+    other, _ = build_tiny_model("llama")
+    other.model.layers = other.model.layers[:1]
+    with pytest.raises(UserError, match="wrong base model"):
+        load_adapter(other, tmp_path / "a")
