@@ -1,0 +1,492 @@
+"""Resolve `--data` to validated (text, label) splits.
+
+Accepted specs, tried in this order:
+- `tweet_eval` (the default): the Hugging Face dataset `cardiffnlp/tweet_eval`, config `sentiment`;
+- `train=a.csv,validation=b.jsonl,test=c.parquet`: one file per split, any subset of splits;
+- a folder in the official TweetEval layout (`{train,val,test}_text.txt`, `..._labels.txt`, `mapping.txt`);
+- a folder of split files (`train.csv`, `val.jsonl`, `test.parquet`, ...);
+- a single `.csv` / `.jsonl` / `.json` (JSON Lines) / `.parquet` file with a text and a label column.
+
+`--data` left out means `$DORATWEET_DATA`, else `tweet_eval`. Labels are ids into `LABELS` (0 negative,
+1 neutral, 2 positive); files may also spell them as names. Every text is stripped, as the Hugging Face
+loader does. A bad row stops loading with `file:line: problem`, unless `skip_bad_rows` is set: then bad
+rows are dropped and counted in one warning per split, so nothing disappears silently.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import numbers
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+
+from . import LABELS
+from .errors import UserError
+
+log = logging.getLogger("doratweet.data")
+
+DEFAULT_DATA = "tweet_eval"
+HUB_ID, HUB_CONFIG = "cardiffnlp/tweet_eval", "sentiment"
+SPLIT_NAMES = ("train", "validation", "test")
+_SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
+TABLE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
+# The official layout calls the validation split "val".
+_TWEETEVAL_PREFIXES = {"train": "train", "validation": "val", "test": "test"}
+_ACCEPTED_LABELS = "0, 1, 2, " + ", ".join(LABELS)
+_SKIP_HINT = "fix the row or pass --skip-bad-rows to drop bad rows"
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str  # "train" | "validation" | "test", or another name for a single file
+    texts: list[str]
+    labels: list[int]  # ids into LABELS
+    source: str  # where the rows came from, for logs and the model card
+
+    def __post_init__(self):
+        assert len(self.texts) == len(self.labels), "one label per text"
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def head(self, n: int | None) -> Split:
+        """The first `n` rows (all of them when `n` is None), e.g. for `--limit`."""
+        if n is None:
+            return self
+        if n < 0:
+            raise UserError(f"row limit (--limit) must be 0 or more, got {n}")
+        return replace(self, texts=self.texts[:n], labels=self.labels[:n])
+
+
+def canonical_split_name(name: str) -> str:
+    """`val`, `valid` and `dev` all mean `validation`; names are case-insensitive."""
+    name = name.strip().lower()
+    return _SPLIT_ALIASES.get(name, name)
+
+
+def resolve_data_spec(spec: str | None) -> str:
+    """`spec`, else `$DORATWEET_DATA` when set and non-empty, else `tweet_eval`."""
+    if spec is not None:
+        return spec
+    return os.environ.get("DORATWEET_DATA") or DEFAULT_DATA
+
+
+def load_data(
+    spec: str | None = None,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    skip_bad_rows: bool = False,
+) -> dict[str, Split]:
+    """All splits that `spec` provides, keyed by split name, in train/validation/test order."""
+    from_env = spec is None and bool(os.environ.get("DORATWEET_DATA"))
+    option = "DORATWEET_DATA" if from_env else "--data"
+    spec = resolve_data_spec(spec)
+    if not spec.strip():
+        raise UserError(f"{option} is empty; pass a data path, or leave it out to use {DEFAULT_DATA}")
+    options = dict(text_column=text_column, label_column=label_column, skip_bad_rows=skip_bad_rows)
+
+    if spec in (DEFAULT_DATA, HUB_ID):
+        splits = _load_hub(skip_bad_rows)
+    elif "=" in spec and not Path(spec).expanduser().exists():
+        files = _parse_split_mapping(spec, option)
+        splits = [_load_table(path, name, **options) for name, path in files.items()]
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise UserError(
+                f"{option} {spec}: no such file or folder; pass a TweetEval folder, a "
+                f"{'/'.join(TABLE_SUFFIXES)} file, a folder of split files, split=path pairs, or {DEFAULT_DATA}"
+            )
+        if path.is_dir():
+            splits = _load_folder(path, **options)
+        else:
+            splits = [_load_table(path, _split_name_from_stem(path), **options)]
+    return {split.name: split for split in sorted(splits, key=_split_order)}
+
+
+def load_split(spec: str | None, split: str, **load_options) -> Split:
+    """One split of `load_data(spec)`, e.g. `load_split(None, "val")` for the validation split."""
+    name = canonical_split_name(split)
+    splits = load_data(spec, **load_options)
+    if name not in splits:
+        raise UserError(
+            f"data {resolve_data_spec(spec)!r} has no {name!r} split (it has: {', '.join(splits)}); "
+            f"add a {name} file or pick one of those splits"
+        )
+    return splits[name]
+
+
+def read_texts(path, text_column: str = "text") -> list[str]:
+    """Texts to classify: a .txt file (one per line, no blank lines) or a table with a `text_column`."""
+    path = _existing_path(path, "input file")
+    if path.suffix.lower() == ".txt":
+        texts = []
+        for line_number, line in enumerate(_read_lines(path), start=1):
+            if not line.strip():
+                raise UserError(f"{path}:{line_number}: blank line; put one text per line and remove blank lines")
+            texts.append(line.strip())
+    else:
+        columns, rows = _read_table(path, _BadRows(skip=False, hint="fix or remove that line"))
+        _require_column(path, columns, text_column, "--text-column")
+        texts = []
+        for where, record in rows:
+            problem = _text_problem(record.get(text_column))
+            if problem:
+                raise UserError(f"{where}: {problem}; fix or remove that row")
+            texts.append(record[text_column].strip())
+    if not texts:
+        raise UserError(f"{path}: no texts to classify; put one text per line (.txt) or one per row")
+    return texts
+
+
+# --- bad rows: raise on the first, or count them and log one line -------------------------------------
+
+
+class _BadRows:
+    def __init__(self, skip: bool, hint: str = _SKIP_HINT):
+        self.skip = skip
+        self.hint = hint
+        self.problems: list[str] = []
+
+    def add(self, where: str, problem: str) -> None:
+        if not self.skip:
+            raise UserError(f"{where}: {problem}; {self.hint}")
+        self.problems.append(f"{where}: {problem}")
+
+    def log_summary(self, split_name: str) -> None:
+        if self.problems:
+            count = len(self.problems)
+            log.warning(
+                "skipped %d bad row%s in %s (first: %s)",
+                count, "" if count == 1 else "s", split_name, self.problems[0],
+            )
+
+
+def _keep_good_rows(
+    rows: Iterable[tuple[str, object, str, object]], bad_rows: _BadRows
+) -> tuple[list[str], list[int]]:
+    """Stripped texts and label ids from (text_where, text, label_where, label) rows; bad rows go to `bad_rows`."""
+    texts, labels = [], []
+    for text_where, raw_text, label_where, raw_label in rows:
+        text_problem = _text_problem(raw_text)
+        if text_problem:
+            bad_rows.add(text_where, text_problem)
+            continue
+        label = _label_id(raw_label)
+        if label is None:
+            bad_rows.add(label_where, _label_problem(raw_label))
+            continue
+        texts.append(raw_text.strip())
+        labels.append(label)
+    return texts, labels
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _text_problem(value) -> str | None:
+    if _is_missing(value) or (isinstance(value, str) and not value.strip()):
+        return "empty text"
+    if not isinstance(value, str):
+        return f"text is not a string: {value!r}"
+    return None
+
+
+def _label_id(value) -> int | None:
+    """0, 1, 2 as numbers or digit strings, or a label name (any case); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():  # pandas turns an int column with gaps into floats
+        value = int(value)
+    if isinstance(value, numbers.Integral):
+        return int(value) if 0 <= value < len(LABELS) else None
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name in ("0", "1", "2"):
+            return int(name)
+        if name in LABELS:
+            return LABELS.index(name)
+    return None
+
+
+def _label_problem(value) -> str:
+    if _is_missing(value) or (isinstance(value, str) and not value.strip()):
+        return f"missing label; accepted: {_ACCEPTED_LABELS}"
+    return f"unknown label {value!r}; accepted: {_ACCEPTED_LABELS}"
+
+
+def _make_split(name: str, texts: list[str], labels: list[int], source: str, bad_rows: _BadRows) -> Split:
+    bad_rows.log_summary(name)
+    if not texts:
+        skipped = f" after skipping {len(bad_rows.problems)} bad rows" if bad_rows.problems else ""
+        raise UserError(f"{source}: no rows{skipped} in the {name} split; give it at least one labelled text")
+    return Split(name=name, texts=texts, labels=labels, source=source)
+
+
+# --- the Hugging Face Hub -----------------------------------------------------------------------------
+
+
+def _load_hub(skip_bad_rows: bool) -> list[Split]:
+    source = f"{HUB_ID} ({HUB_CONFIG})"
+    try:
+        import datasets
+
+        dataset_dict = datasets.load_dataset(HUB_ID, HUB_CONFIG)
+    except Exception as error:  # no internet, no cache, hub down, datasets missing: all mean "use a local copy"
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise UserError(
+            f"could not load {source} from the Hugging Face Hub ({type(error).__name__}: {reason}); "
+            f"pass --data PATH or set DORATWEET_DATA to a TweetEval folder (e.g. .../tweeteval/sentiment) "
+            f"or a data file"
+        ) from error
+
+    splits = []
+    for hub_split, dataset in dataset_dict.items():
+        name = canonical_split_name(hub_split)
+        where = [f"{source} {hub_split} row {index}" for index in range(1, len(dataset) + 1)]
+        bad_rows = _BadRows(skip_bad_rows)
+        rows = zip(where, dataset["text"], where, dataset["label"])
+        texts, labels = _keep_good_rows(rows, bad_rows)
+        splits.append(_make_split(name, texts, labels, source, bad_rows))
+    return splits
+
+
+# --- folders ------------------------------------------------------------------------------------------
+
+
+def _load_folder(folder: Path, *, text_column: str, label_column: str, skip_bad_rows: bool) -> list[Split]:
+    """A TweetEval layout or a folder of train/validation/test files; a mix of both is ambiguous."""
+    split_files = _split_files(folder)
+    if _has_tweeteval_files(folder):
+        if split_files:
+            names = ", ".join(path.name for path in split_files.values())
+            raise UserError(f"{folder}: holds TweetEval *_text.txt files and split files ({names}); keep one layout")
+        return _load_tweeteval_folder(folder, skip_bad_rows)
+    if split_files:
+        options = dict(text_column=text_column, label_column=label_column, skip_bad_rows=skip_bad_rows)
+        return [_load_table(path, name, **options) for name, path in split_files.items()]
+    raise UserError(
+        f"{folder}: no data files; expected TweetEval files ({{train,val,test}}_text.txt with "
+        f"{{train,val,test}}_labels.txt) or train/validation/test files ending in {', '.join(TABLE_SUFFIXES)}"
+    )
+
+
+# --- the official TweetEval folder layout -------------------------------------------------------------
+
+
+def _has_tweeteval_files(folder: Path) -> bool:
+    return any(
+        (folder / f"{prefix}_{kind}.txt").exists()
+        for prefix in _TWEETEVAL_PREFIXES.values()
+        for kind in ("text", "labels")
+    )
+
+
+def _load_tweeteval_folder(folder: Path, skip_bad_rows: bool) -> list[Split]:
+    _check_mapping(folder / "mapping.txt")
+    splits = []
+    for name, prefix in _TWEETEVAL_PREFIXES.items():
+        text_path, label_path = folder / f"{prefix}_text.txt", folder / f"{prefix}_labels.txt"
+        if not text_path.exists() and not label_path.exists():
+            continue
+        for present, missing in ((text_path, label_path), (label_path, text_path)):
+            if not missing.exists():
+                raise UserError(f"{present} has no partner {missing.name} in {folder}; add it or remove {present.name}")
+
+        text_lines, label_lines = _read_lines(text_path), _read_lines(label_path)
+        if len(text_lines) != len(label_lines):
+            raise UserError(
+                f"{text_path} has {len(text_lines)} lines but {label_path} has {len(label_lines)}; "
+                f"each text line needs exactly one label line"
+            )
+        line_numbers = range(1, len(text_lines) + 1)
+        rows = (
+            (f"{text_path}:{n}", text, f"{label_path}:{n}", label)
+            for n, text, label in zip(line_numbers, text_lines, label_lines)
+        )
+        bad_rows = _BadRows(skip_bad_rows)
+        texts, labels = _keep_good_rows(rows, bad_rows)
+        splits.append(_make_split(name, texts, labels, f"{text_path} + {label_path.name}", bad_rows))
+    return splits
+
+
+def _check_mapping(path: Path) -> None:
+    """mapping.txt must say 0 negative, 1 neutral, 2 positive: our label ids are positions in LABELS."""
+    if not path.exists():
+        return  # the official sentiment mapping is assumed
+    found = {}
+    for line_number, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise UserError(f"{path}:{line_number}: expected '<id><TAB><label name>', found {line!r}")
+        found[parts[0]] = parts[1].lower()
+    expected = {str(label_id): name for label_id, name in enumerate(LABELS)}
+    if found != expected:
+        shown = ", ".join(f"{label_id} {name}" for label_id, name in found.items())
+        raise UserError(
+            f"{path}: maps {shown or 'nothing'}, but the sentiment task needs 0 negative, 1 neutral, 2 positive; "
+            f"point --data at the TweetEval sentiment folder or fix mapping.txt"
+        )
+
+
+# --- csv / jsonl / parquet files ----------------------------------------------------------------------
+
+
+def _parse_split_mapping(spec: str, option: str) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for part in spec.split(","):
+        name, separator, path = part.partition("=")
+        name = canonical_split_name(name)
+        if not separator or not path.strip():
+            raise UserError(f"{option}: {part.strip()!r} is not split=path; write e.g. train=a.csv,test=b.csv")
+        if name not in SPLIT_NAMES:
+            raise UserError(f"{option}: unknown split {name!r} in {part.strip()!r}; use {', '.join(SPLIT_NAMES)}")
+        if name in files:
+            raise UserError(f"{option}: the {name} split is given twice; give each split one file")
+        files[name] = _existing_path(path.strip(), f"{name} file in {option}")
+    return files
+
+
+def _split_name_from_stem(path: Path) -> str:
+    """`val.csv` holds the validation split; a file with any other name is treated as a test set."""
+    name = canonical_split_name(path.stem)
+    return name if name in SPLIT_NAMES else "test"
+
+
+def _split_files(folder: Path) -> dict[str, Path]:
+    """{split name: file} for train/validation/test table files in `folder`."""
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        name = canonical_split_name(path.stem)
+        if not path.is_file() or path.suffix.lower() not in TABLE_SUFFIXES or name not in SPLIT_NAMES:
+            continue
+        if name in files:
+            raise UserError(f"{folder}: two files for the {name} split ({files[name].name}, {path.name}); keep one")
+        files[name] = path
+    return files
+
+
+def _load_table(path: Path, name: str, *, text_column: str, label_column: str, skip_bad_rows: bool) -> Split:
+    bad_rows = _BadRows(skip_bad_rows)
+    columns, rows = _read_table(path, bad_rows)
+    _require_column(path, columns, text_column, "--text-column")
+    _require_column(path, columns, label_column, "--label-column")
+    rows = ((where, record.get(text_column), where, record.get(label_column)) for where, record in rows)
+    texts, labels = _keep_good_rows(rows, bad_rows)
+    return _make_split(name, texts, labels, str(path), bad_rows)
+
+
+def _read_table(path: Path, bad_rows: _BadRows) -> tuple[list[str], list[tuple[str, dict]]]:
+    """(column names, rows) of a table file; each row is (where, record), `where` naming file and line."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix in (".jsonl", ".json"):
+        return _read_jsonl(path, bad_rows)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise UserError(
+        f"{path}: unsupported file type {path.suffix or '(none)'!r}; use {', '.join(TABLE_SUFFIXES)}, "
+        f"or pass the folder that holds a TweetEval layout ({{train,val,test}}_text.txt and _labels.txt)"
+    )
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
+    # dtype=str and no NA parsing: an empty cell stays "" (reported as empty text), "NA" stays a tweet.
+    try:
+        frame = pd.read_csv(io.StringIO(_read_text(path)), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise UserError(f"{path}: not a readable CSV ({reason}); use a header row and quote texts that contain commas")
+    if not isinstance(frame.index, pd.RangeIndex):
+        # pandas silently turns the first column into an index when the first data row has an extra field.
+        raise UserError(f"{path}:2: more fields than the header has columns; quote texts that contain commas")
+    # The header is line 1, so data row i (0-based) is on line i + 2.
+    rows = [(f"{path}:{index + 2}", record) for index, record in enumerate(frame.to_dict("records"))]
+    return [str(column) for column in frame.columns], rows
+
+
+def _read_jsonl(path: Path, bad_rows: _BadRows) -> tuple[list[str], list[tuple[str, dict]]]:
+    columns: dict[str, None] = {}  # every key seen, in order of first appearance
+    rows = []
+    for line_number, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            bad_rows.add(where, f"malformed JSON ({error.msg}); expected one JSON object per line (JSON Lines)")
+            continue
+        if not isinstance(record, dict):
+            bad_rows.add(where, f"expected a JSON object per line, found {type(record).__name__}")
+            continue
+        columns.update(dict.fromkeys(record))
+        rows.append((where, record))
+    return list(columns), rows
+
+
+def _read_parquet(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: not a readable Parquet file ({reason}); re-export it or use .csv/.jsonl")
+    # Parquet has no lines; name the 1-based row instead.
+    rows = [(f"{path} row {index + 1}", record) for index, record in enumerate(frame.to_dict("records"))]
+    return [str(column) for column in frame.columns], rows
+
+
+def _require_column(path: Path, columns: list[str], column: str, option: str) -> None:
+    if column not in columns:
+        available = ", ".join(repr(name) for name in columns) or "none"
+        raise UserError(f"{path}: no column {column!r} (columns: {available}); choose one with {option}")
+
+
+# --- plain files --------------------------------------------------------------------------------------
+
+
+def _existing_path(path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"{what} {path}: no such file; check the path")
+    return path
+
+
+def _read_text(path: Path) -> str:
+    """The file decoded as UTF-8; an undecodable byte is reported with its line."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"{path}: cannot read ({error.strerror}); check the path and its permissions")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line_number = data.count(b"\n", 0, error.start) + 1
+        raise UserError(
+            f"{path}:{line_number}: not valid UTF-8 (byte 0x{data[error.start]:02x}); re-save the file as UTF-8"
+        )
+    return text.removeprefix("\ufeff")
+
+
+def _read_lines(path: Path) -> list[str]:
+    """Lines split on '\\n' only: tweets may hold '\\r' or U+2028, which str.splitlines() would break at."""
+    lines = _read_text(path).split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    return lines
+
+
+def _split_order(split: Split) -> tuple[int, str]:
+    return (SPLIT_NAMES.index(split.name) if split.name in SPLIT_NAMES else len(SPLIT_NAMES), split.name)
