@@ -1,0 +1,324 @@
+"""The training loop, in plain PyTorch: AdamW on adapter parameters, warm-up + cosine, accumulation,
+clipping, length-bucketed batches, periodic validation keeping the best adapter, checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .adapters import DEFAULT_TARGETS, add_adapters, adapter_parameters, get_adapter_config, save_adapter
+from .adapters.inject import adapter_state_dict
+from .data import Split
+from .errors import UserError
+from .evaluate import classification_metrics, probabilities_from_scores, score_labels, split_model
+from .prompts import IGNORE_INDEX, PromptFormat, training_example
+
+CHECKPOINT_DIR = "checkpoint"
+ADAPTER_DIR = "adapter"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    method: str = "dora"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    use_rslora: bool = False
+    epochs: float = 1.0
+    lr: float = 2e-4
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    eval_every: int = 0  # optimizer steps between validations; 0 = only at the end
+    eval_limit: int | None = None  # validate on the first N validation tweets
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = none (Ctrl-C still saves one)
+    log_every: int = 10
+    eval_batch_size: int = 32
+    bf16: bool | None = None  # autocast to bf16; None = on CUDA only
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "rank"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.lr <= 0:
+            raise UserError(f"--lr {self.lr}: must be positive")
+        if self.epochs <= 0 and not self.max_steps:
+            raise UserError(f"--epochs {self.epochs}: must be positive")
+        self.targets = tuple(self.targets)
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    best_val_macro_f1: float = -1.0
+    best_step: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def encode_split(fmt: PromptFormat, split: Split) -> list[tuple[list[int], list[int]]]:
+    """Prompt + answer ids and loss targets for every tweet, tokenised once."""
+    prompts = fmt.prompt_ids(split.texts)
+    return [training_example(p, fmt.answer_ids[y]) for p, y in zip(prompts, split.labels)]
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """A shuffled epoch in batches of similar length: shuffle, sort within windows of 64 batches, cut,
+    shuffle the batches. Deterministic in (seed, epoch), which is what makes resume exact."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 64
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def right_pad(examples, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (seq, tgt) in enumerate(examples):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        targets[row, : len(tgt)] = torch.tensor(tgt)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), targets.to(device), mask.to(device)
+
+
+def answer_loss(model, ids, targets, mask, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy on the answer tokens only; the vocabulary projection runs only at those positions,
+    which skips most of the output head's cost (49k words x every prompt token for SmolLM2)."""
+    decoder, head = split_model(model)
+    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    predicts = targets[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
+    logits = head(hidden[:, :-1][predicts]).float()
+    return F.cross_entropy(logits, targets[:, 1:][predicts], label_smoothing=label_smoothing)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def validate(model, fmt: PromptFormat, prompts: list[list[int]], labels: list[int], batch_size: int) -> dict:
+    was_training = model.training
+    model.eval()
+    probabilities = probabilities_from_scores(score_labels(model, fmt, prompts, batch_size))
+    model.train(was_training)
+    return classification_metrics(labels, probabilities.argmax(axis=1))
+
+
+def train(
+    model,
+    fmt: PromptFormat,
+    train_split: Split,
+    val_split: Split | None,
+    config: TrainConfig,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    base_model_id: str | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> dict:
+    """Fine-tune adapters on `train_split`; the best adapter (by validation macro-F1) ends in out_dir/adapter
+    and in the model. Returns a summary of what was done."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    if get_adapter_config(model) is None:
+        add_adapters(model, config.method, config.rank, config.alpha, config.dropout, config.targets, config.use_rslora)
+    get_adapter_config(model).extra = {**get_adapter_config(model).extra, **config.extra}
+    params = adapter_parameters(model)
+    device = params[0].device
+    use_bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
+
+    examples = encode_split(fmt, train_split)
+    lengths = [len(ids) for ids, _ in examples]
+    micro_per_epoch = math.ceil(len(examples) / config.batch_size)
+    steps_per_epoch = max(1, micro_per_epoch // config.grad_accum)
+    total_steps = config.max_steps or max(1, round(steps_per_epoch * config.epochs))
+    warmup = max(1, round(config.warmup_ratio * total_steps))
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
+    val_prompts = val_labels = None
+    if val_split is not None and len(val_split):
+        val_split = val_split.head(config.eval_limit)
+        val_prompts, val_labels = fmt.prompt_ids(val_split.texts), val_split.labels
+
+    state = TrainState()
+    checkpoint = out_dir / CHECKPOINT_DIR
+    if resume:
+        state = _load_checkpoint(checkpoint, model, optimizer, scheduler, config)
+    log_file = (out_dir / LOG_FILE).open("a" if resume else "w")
+
+    def micro_batches_from(step: int):
+        """Micro-batches of every optimizer step from `step` on, across epochs."""
+        micro = step * config.grad_accum
+        epoch = micro // (steps_per_epoch * config.grad_accum)
+        while True:
+            batches = epoch_batches(lengths, config.batch_size, config.seed, epoch)[: steps_per_epoch * config.grad_accum]
+            offset = micro - epoch * steps_per_epoch * config.grad_accum
+            for batch in batches[offset:]:
+                yield epoch, batch
+            micro = (epoch + 1) * steps_per_epoch * config.grad_accum
+            epoch += 1
+
+    def evaluate_and_keep_best():
+        if val_prompts is None:
+            return
+        metrics = validate(model, fmt, val_prompts, val_labels, config.eval_batch_size)
+        line = {"step": state.step, "val_macro_f1": metrics["macro_f1"], "val_macro_recall": metrics["macro_recall"],
+                "val_accuracy": metrics["accuracy"]}
+        log_file.write(json.dumps(line) + "\n")
+        log_file.flush()
+        if metrics["macro_f1"] > state.best_val_macro_f1:
+            state.best_val_macro_f1, state.best_step = metrics["macro_f1"], state.step
+            save_adapter(model, out_dir / ADAPTER_DIR, base_model_id=base_model_id)
+
+    model.train()
+    source = micro_batches_from(state.step)
+    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not progress)
+    started = time.perf_counter() - state.seconds
+    window_tokens, window_start, window_loss = 0, time.perf_counter(), []
+    try:
+        while state.step < total_steps:
+            optimizer.zero_grad(set_to_none=True)
+            for _ in range(config.grad_accum):
+                epoch, batch = next(source)
+                ids, targets, mask = right_pad([examples[i] for i in batch], fmt.tokenizer.pad_token_id, device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss = answer_loss(model, ids, targets, mask, config.label_smoothing)
+                (loss / config.grad_accum).backward()
+                window_loss.append(loss.item())
+                n_tokens = int(mask.sum())
+                window_tokens += n_tokens
+                state.tokens += n_tokens
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            state.step += 1
+            state.seconds = time.perf_counter() - started
+            bar.update(1)
+            if state.step % config.log_every == 0 or state.step == total_steps:
+                rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                line = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
+                        "loss": float(np.mean(window_loss)), "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_s": round(rate, 1), "elapsed_s": round(state.seconds, 2)}
+                log_file.write(json.dumps(line) + "\n")
+                log_file.flush()
+                bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}", tok_s=f"{rate:.0f}")
+                window_tokens, window_start, window_loss = 0, time.perf_counter(), []
+            if config.eval_every and state.step % config.eval_every == 0 and state.step < total_steps:
+                evaluate_and_keep_best()
+            if config.save_every and state.step % config.save_every == 0:
+                _save_checkpoint(checkpoint, model, optimizer, scheduler, state, config)
+            if on_step is not None:
+                on_step(state.step)
+        evaluate_and_keep_best()
+    except KeyboardInterrupt:
+        _save_checkpoint(checkpoint, model, optimizer, scheduler, state, config)
+        bar.close()
+        log_file.close()
+        raise
+    bar.close()
+    log_file.close()
+    model.eval()
+    if val_prompts is None or state.best_step != state.step:
+        if val_prompts is None:
+            save_adapter(model, out_dir / ADAPTER_DIR, base_model_id=base_model_id)
+        else:  # an earlier validation was better: bring those weights back
+            _load_adapter_weights(model, out_dir / ADAPTER_DIR)
+    return {
+        **{k: v for k, v in asdict(config).items() if k != "extra"},
+        "targets": list(config.targets),
+        "steps": state.step,
+        "train_examples": len(examples),
+        "tokens": state.tokens,
+        "seconds": round(state.seconds, 2),
+        "device": device.type,
+        "precision": "bf16 autocast" if use_bf16 else "fp32",
+        "trainable_parameters": sum(p.numel() for p in params),
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+        "best_step": state.best_step if val_prompts is not None else state.step,
+        "best_val_macro_f1": state.best_val_macro_f1 if val_prompts is not None else None,
+    }
+
+
+def _load_adapter_weights(model, adapter_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    saved = load_file(adapter_dir / "adapter_model.safetensors")
+    with torch.no_grad():
+        for key, tensor in adapter_state_dict(model).items():
+            tensor.copy_(saved[key])
+
+
+def _save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, config: TrainConfig) -> None:
+    """Everything needed to continue exactly: adapter weights, optimizer, schedule, RNG, progress."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "adapter": adapter_state_dict(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": asdict(state),
+            "config": {k: v for k, v in asdict(config).items() if k not in ("eval_every", "save_every", "log_every")},
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp / "trainer.pt",
+    )
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        os.replace(tmp, folder)
+
+
+def _load_checkpoint(folder: Path, model, optimizer, scheduler, config: TrainConfig) -> TrainState:
+    file = folder / "trainer.pt"
+    if not file.is_file():
+        raise UserError(f"--resume: no checkpoint at {file}; train without --resume or point --out at the run")
+    saved = torch.load(file, weights_only=False)
+    current = {k: v for k, v in asdict(config).items() if k not in ("eval_every", "save_every", "log_every")}
+    changed = [k for k in current if k in saved["config"] and saved["config"][k] != current[k]]
+    if changed:
+        raise UserError(f"--resume: options differ from the checkpoint's ({', '.join(changed)}); use the same options")
+    with torch.no_grad():
+        for key, tensor in adapter_state_dict(model).items():
+            tensor.copy_(saved["adapter"][key])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    return TrainState(**saved["state"])
