@@ -67,6 +67,7 @@ def tiny_config(arch: str, vocab_size: int):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
+        initializer_range=0.2,  # wide enough that the tied output head can express confident answers
     )
     if arch == "llama":
         return LlamaConfig(**common, tie_word_embeddings=True)

@@ -1,0 +1,201 @@
+"""The `doratweet` command: argument parsing only; each verb calls one function of the package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+from .prompts import DEFAULT_SYSTEM_PROMPT
+from .train import TrainConfig
+
+TRAIN_DEFAULTS = TrainConfig()
+# Options shared by `run` and `train`: (flag, TrainConfig field, type, help).
+TRAINING_OPTIONS = [
+    ("--method", "method", str, "adapter type: dora or lora"),
+    ("--rank", "rank", int, "adapter rank r"),
+    ("--alpha", "alpha", float, "adapter alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --rslora)"),
+    ("--dropout", "dropout", float, "dropout on the adapter's input (PEFT's formula)"),
+    ("--targets", "targets", lambda s: tuple(t for t in s.split(",") if t), "comma-separated module names to adapt"),
+    ("--epochs", "epochs", float, "passes over the training tweets (fractions allowed)"),
+    ("--lr", "lr", float, "peak learning rate (AdamW, linear warm-up then cosine decay)"),
+    ("--batch-size", "batch_size", int, "tweets per micro-batch"),
+    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
+    ("--max-steps", "max_steps", int, "stop after this many optimizer steps (overrides --epochs)"),
+    ("--warmup-ratio", "warmup_ratio", float, "share of steps spent warming up the learning rate"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay"),
+    ("--label-smoothing", "label_smoothing", float, "label smoothing of the answer-token loss"),
+    ("--eval-every", "eval_every", int, "validate every N steps and keep the best adapter (0: only at the end)"),
+    ("--eval-limit", "eval_limit", int, "validate on the first N validation tweets"),
+    ("--save-every", "save_every", int, "write a resumable checkpoint every N steps (0: only on Ctrl-C)"),
+    ("--seed", "seed", int, "random seed (same seed, same result on CPU)"),
+]
+
+
+def _default_of(field_name: str):
+    value = getattr(TRAIN_DEFAULTS, field_name)
+    return ",".join(value) if isinstance(value, tuple) else value
+
+
+def add_model_options(p: argparse.ArgumentParser, required_help: str = "") -> None:
+    p.add_argument("--model", default=None, help="base model: 'smollm2-135m' (embedded, offline), a Hub id, a local "
+                   "folder or a .gguf file (default: smollm2-135m, or the model the adapter names)" + required_help)
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (default: off)")
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, help="'tweet_eval' (Hub), a TweetEval folder, a CSV/JSONL/Parquet file or "
+                   "folder, or 'train=a.csv,test=b.csv' (default: $DORATWEET_DATA, else tweet_eval)")
+
+
+def add_training_options(p: argparse.ArgumentParser, preset_defaults: bool) -> None:
+    group = p.add_argument_group("training")
+    for flag, name, kind, text in TRAINING_OPTIONS:
+        default = "the preset's value" if preset_defaults else _default_of(name)
+        group.add_argument(flag, dest=name, type=kind, default=None, help=f"{text} (default: {default})")
+    group.add_argument("--rslora", dest="use_rslora", action="store_true", default=None,
+                       help="scale by alpha/sqrt(r) (rank-stabilised LoRA) (default: off)")
+    group.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system prompt (default: %(default)r)")
+
+
+def training_overrides(args) -> dict:
+    names = [name for _, name, _, _ in TRAINING_OPTIONS] + ["use_rslora"]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="doratweet", description="Fine-tune small chat LLMs with DoRA to label "
+                                     "tweet sentiment (negative / neutral / positive).")
+    parser.add_argument("--version", action="version", version=f"doratweet {__version__}")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs (default: off)")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+
+    run = verbs.add_parser("run", help="evaluate, fine-tune with DoRA, evaluate again, write a model card")
+    add_model_options(run)
+    add_data_options(run)
+    run.add_argument("--out", default="runs/latest", help="run folder to write (default: %(default)s)")
+    run.add_argument("--preset", choices=["quick", "full"], default=None,
+                     help="quick: subsets for a CPU in < 15 min; full: all data (default: full on CUDA, else quick)")
+    run.add_argument("--train-limit", type=int, default=None, help="train on the first N tweets (default: preset's)")
+    run.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test tweets (default: preset's)")
+    run.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder (default: off)")
+    run.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (default: off)")
+    run.add_argument("--eval-batch-size", type=int, default=32, help="tweets per evaluation batch (default: %(default)s)")
+    add_training_options(run, preset_defaults=True)
+
+    tr = verbs.add_parser("train", help="fine-tune an adapter and save it in PEFT format")
+    add_model_options(tr)
+    add_data_options(tr)
+    tr.add_argument("--out", required=True, help="folder for adapter/, checkpoint/ and train_log.jsonl (required)")
+    tr.add_argument("--train-limit", type=int, default=None, help="train on the first N tweets (default: all)")
+    tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (default: off)")
+    tr.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder (default: off)")
+    add_training_options(tr, preset_defaults=False)
+
+    ev = verbs.add_parser("evaluate", help="metrics of a model (with or without an adapter) on a split")
+    add_model_options(ev)
+    ev.add_argument("--adapter", default=None, help="adapter or run folder (default: none, the base model alone)")
+    add_data_options(ev)
+    ev.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
+    ev.add_argument("--mode", choices=["score", "generate"], default="score",
+                    help="score: likelihood of each label; generate: parse a free answer (default: %(default)s)")
+    ev.add_argument("--limit", type=int, default=None, help="first N tweets only (default: all)")
+    ev.add_argument("--batch-size", type=int, default=32, help="tweets per batch (default: %(default)s)")
+    ev.add_argument("--system-prompt", default=None, help="system prompt (default: the adapter's, else the built-in)")
+    ev.add_argument("--out", default=None, help="write metrics JSON here, predictions beside it (default: print)")
+
+    pr = verbs.add_parser("predict", help="label texts with a trained adapter")
+    pr.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label (default: read --input or stdin)")
+    src = pr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", default=None, help="run folder written by `doratweet run`")
+    src.add_argument("--adapter", default=None, help="adapter folder (PEFT format)")
+    pr.add_argument("--model", default=None, help="base model (default: the one the adapter names)")
+    pr.add_argument("--input", default=None, help=".txt (one per line), .csv, .jsonl or .parquet (default: none)")
+    pr.add_argument("--text-column", default="text", help="text column of --input tables (default: %(default)s)")
+    pr.add_argument("--output", default=None, help="write .jsonl or .csv here instead of printing (default: print)")
+    pr.add_argument("--format", choices=["table", "jsonl", "csv"], default=None,
+                    help="output format (default: from --output's extension, else table)")
+    pr.add_argument("--batch-size", type=int, default=32, help="texts per batch (default: %(default)s)")
+
+    rep = verbs.add_parser("report", help="rebuild the model card and plots of a run folder")
+    rep.add_argument("run_dir", help="run folder written by `doratweet run`")
+
+    mg = verbs.add_parser("merge", help="fold an adapter into its base model and save a plain transformers model")
+    mg.add_argument("--adapter", required=True, help="adapter or run folder")
+    mg.add_argument("--model", default=None, help="base model (default: the one the adapter names)")
+    mg.add_argument("--out", required=True, help="folder for the merged model (must not exist)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "datasets", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return VERBS[args.verb](args) or 0
+    except UserError as err:
+        print(f"doratweet: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("doratweet: interrupted (a checkpoint was saved where training had started)", file=sys.stderr)
+        return 130
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run_pipeline
+
+    run_pipeline(model_spec=args.model, data_spec=args.data, out_dir=args.out, preset_name=args.preset,
+                 training_overrides=training_overrides(args), train_limit=args.train_limit,
+                 test_limit=args.test_limit, system_prompt=args.system_prompt, batch_size=args.eval_batch_size,
+                 overwrite=args.overwrite, resume=args.resume, trust_remote_code=args.trust_remote_code,
+                 progress=not args.quiet)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .commands import train_command
+
+    train_command(args, TrainConfig(**training_overrides(args)))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .commands import evaluate_command
+
+    metrics = evaluate_command(args)
+    if args.out is None:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .commands import predict_command
+
+    predict_command(args)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(write_report(Path(args.run_dir)))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .commands import merge_command
+
+    print(merge_command(args))
+    return 0
+
+
+VERBS = {"run": cmd_run, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+         "report": cmd_report, "merge": cmd_merge}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The bodies of the `train`, `evaluate`, `predict` and `merge` verbs: load, call the building block, write."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import LABELS
+from .adapters import load_adapter, merge_adapters, read_adapter_config
+from .data import load_data, load_split
+from .errors import UserError
+from .evaluate import UNPARSED
+from .models import EMBEDDED_NAME, load_base_model
+from .pipeline import environment, prepare_out_dir, timed_predictions, write_json, write_label_ids
+from .predict import (
+    SentimentClassifier,
+    adapter_folder,
+    base_model_spec,
+    default_device,
+    format_predictions,
+    read_prediction_input,
+    write_atomically,
+)
+from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
+from .train import TrainConfig, train
+
+log = logging.getLogger("doratweet")
+
+
+def train_command(args, config: TrainConfig) -> dict:
+    out_dir = Path(args.out)
+    prepare_out_dir(out_dir, args.overwrite, args.resume)
+    splits = load_data(args.data)
+    if "train" not in splits:
+        raise UserError(f"--data: has no train split (found: {', '.join(splits)})")
+    model_spec = args.model or EMBEDDED_NAME
+    base = load_base_model(model_spec, device=default_device(), trust_remote_code=args.trust_remote_code)
+    config.extra = {"system_prompt": args.system_prompt, "model_spec": model_spec, "labels": list(LABELS)}
+    fmt = make_prompt_format(base.tokenizer, args.system_prompt)
+    summary = train(base.model, fmt, splits["train"].head(args.train_limit), splits.get("validation"), config, out_dir,
+                    resume=args.resume, progress=not args.quiet, base_model_id=base.base_model_id)
+    write_json(out_dir / "train_summary.json", summary)
+    log.info("adapter saved in %s", out_dir / "adapter")
+    return summary
+
+
+def evaluate_command(args) -> dict:
+    split = load_split(args.data, args.split).head(args.limit)
+    system_prompt = args.system_prompt
+    if args.adapter:
+        folder = adapter_folder(args.adapter)
+        config = read_adapter_config(folder)
+        base = load_base_model(args.model or base_model_spec(config), device=default_device(),
+                               trust_remote_code=args.trust_remote_code)
+        load_adapter(base.model, folder)
+        merge_adapters(base.model)
+        system_prompt = system_prompt or config.extra.get("system_prompt")
+    else:
+        base = load_base_model(args.model, device=default_device(), trust_remote_code=args.trust_remote_code)
+    fmt = make_prompt_format(base.tokenizer, system_prompt or DEFAULT_SYSTEM_PROMPT)
+    predictions, metrics = timed_predictions(base.model, fmt, split, args.mode, args.batch_size)
+    metrics.update(base_model_id=base.base_model_id, adapter=args.adapter, environment=environment(default_device()))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, metrics)
+        # TweetEval's format: one label id per line; an unparsed answer is written as -1.
+        write_label_ids(out.with_suffix(".predictions.txt"), [y if y != UNPARSED else -1 for y in predictions.labels])
+        log.info("metrics in %s", out)
+    return metrics
+
+
+def predict_command(args) -> None:
+    texts = read_prediction_input(args.input, args.texts, args.text_column)
+    if not texts:
+        raise UserError("predict: no texts to label")
+    classifier = SentimentClassifier.load(args.run or args.adapter, model=args.model)
+    classifier.batch_size = args.batch_size
+    probabilities = classifier.predict_proba(texts)
+    fmt = args.format or _format_from_extension(args.output)
+    text = format_predictions(texts, probabilities, fmt)
+    if args.output:
+        write_atomically(args.output, text)
+    else:
+        print(text, end="")
+
+
+def _format_from_extension(path: str | None) -> str:
+    if path is None:
+        return "table"
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jsonl", ".csv"):
+        return suffix[1:]
+    raise UserError(f"--output {path}: use a .jsonl or .csv file name, or pass --format")
+
+
+def merge_command(args) -> Path:
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"--out {out}: already exists; choose a new folder")
+    folder = adapter_folder(args.adapter)
+    config = read_adapter_config(folder)
+    base = load_base_model(args.model or base_model_spec(config))
+    load_adapter(base.model, folder)
+    merge_adapters(base.model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        base.model.save_pretrained(tmp)
+        base.tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

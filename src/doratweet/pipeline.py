@@ -1,0 +1,205 @@
+"""`doratweet run`: evaluate the base model, fine-tune with DoRA, evaluate again, write the run folder.
+
+The run folder: adapter/ (PEFT format), metrics.json, predictions/test_{before,after}.txt (one label id
+per line, TweetEval's format), train_log.jsonl, plots/, README.md (the model card).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from . import LABELS, __version__
+from .data import Split, load_data, resolve_data_spec
+from .errors import UserError
+from .evaluate import Predictions, classification_metrics, predict
+from .models import EMBEDDED_NAME, load_base_model
+from .predict import default_device
+from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
+from .train import TrainConfig, train
+
+log = logging.getLogger("doratweet")
+
+
+@dataclass
+class Preset:
+    """How much data a run uses; `None` means the whole split."""
+
+    name: str
+    train_limit: int | None
+    test_limit: int | None
+    generate_limit: int | None  # generation is slower than scoring: evaluate it on fewer tweets
+    eval_limit: int | None  # validation tweets scored during training
+    training: dict = field(default_factory=dict)  # TrainConfig fields this preset sets
+
+
+PRESETS = {
+    # Sized for 2 CPU cores and < 15 minutes with the embedded 135M model, including both evaluations.
+    "quick": Preset("quick", train_limit=2000, test_limit=1000, generate_limit=200, eval_limit=300,
+                    training=dict(epochs=1, batch_size=16, lr=4e-4, eval_every=0, dropout=0.05)),
+    "full": Preset("full", train_limit=None, test_limit=None, generate_limit=None, eval_limit=None,
+                   training=dict(epochs=1, batch_size=64, lr=2e-4, eval_every=200, dropout=0.05)),
+}
+
+
+def default_preset() -> str:
+    return "full" if torch.cuda.is_available() else "quick"
+
+
+def training_config(preset: Preset, overrides: dict) -> TrainConfig:
+    """Preset values, then the options the user gave explicitly (those that are not None)."""
+    values = {**preset.training, **{k: v for k, v in overrides.items() if v is not None}}
+    return TrainConfig(**values)
+
+
+def timed_predictions(model, fmt, split: Split, mode: str, batch_size: int) -> tuple[Predictions, dict]:
+    started = time.perf_counter()
+    predictions = predict(model, fmt, split.texts, mode, batch_size, progress=True)
+    seconds = time.perf_counter() - started
+    metrics = classification_metrics(split.labels, predictions.labels)
+    metrics.update(mode=mode, split=split.name, seconds=round(seconds, 2),
+                   tweets_per_s=round(len(split) / max(seconds, 1e-9), 1))
+    return predictions, metrics
+
+
+def evaluate_both_modes(model, fmt, test: Split, generate_test: Split, batch_size: int) -> tuple[Predictions, dict]:
+    model.eval()
+    scored, score_metrics = timed_predictions(model, fmt, test, "score", batch_size)
+    results = {"score": score_metrics}
+    if len(generate_test):
+        _, results["generate"] = timed_predictions(model, fmt, generate_test, "generate", batch_size)
+    for mode, m in results.items():
+        log.info("  %-8s n=%d macro-F1 %.3f macro-recall %.3f accuracy %.3f unparsed %d (%.1f tweets/s)",
+                 mode, m["n"], m["macro_f1"], m["macro_recall"], m["accuracy"], m["unparsed"], m["tweets_per_s"])
+    return scored, results
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume):
+        raise UserError(f"--out {out_dir}: the folder exists and is not empty; pass --overwrite or choose another")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_json(path: Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_label_ids(path: Path, labels) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{int(y)}\n" for y in labels))
+    os.replace(tmp, path)
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{os.cpu_count()}-core {platform.processor() or platform.machine()} CPU")
+    return {"device": device.type, "machine": machine, "torch": torch.__version__,
+            "transformers": transformers.__version__, "doratweet": __version__, "date": date.today().isoformat()}
+
+
+def run_pipeline(
+    *,
+    model_spec: str | None,
+    data_spec: str | None,
+    out_dir: str | os.PathLike,
+    preset_name: str | None = None,
+    training_overrides: dict | None = None,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    batch_size: int = 32,
+    overwrite: bool = False,
+    resume: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict:
+    from .report import write_report
+
+    started = time.perf_counter()
+    preset = PRESETS[preset_name or default_preset()]
+    if train_limit is not None or test_limit is not None:
+        preset = replace(preset, train_limit=train_limit or preset.train_limit, test_limit=test_limit or preset.test_limit)
+    model_spec = model_spec or EMBEDDED_NAME
+    data_spec = resolve_data_spec(data_spec)
+    out_dir = Path(out_dir)
+    config = training_config(preset, training_overrides or {})
+    config.eval_limit = config.eval_limit or preset.eval_limit
+    config.extra = {"system_prompt": system_prompt, "model_spec": model_spec, "labels": list(LABELS)}
+    prepare_out_dir(out_dir, overwrite, resume)
+
+    splits = load_data(data_spec)
+    for needed in ("train", "test"):
+        if needed not in splits:
+            raise UserError(f"--data {data_spec}: has no {needed} split (found: {', '.join(splits)})")
+    train_split = splits["train"].head(preset.train_limit)
+    test = splits["test"].head(preset.test_limit)
+    generate_test = test.head(preset.generate_limit)
+    validation = splits.get("validation")
+    subset_note = describe_subsets(preset, splits, train_split, test, generate_test)
+    if subset_note:
+        log.info("preset %s: %s", preset.name, subset_note)
+
+    device = default_device()
+    log.info("loading base model %s", model_spec)
+    base = load_base_model(model_spec, device=device, trust_remote_code=trust_remote_code)
+    fmt = make_prompt_format(base.tokenizer, system_prompt)
+    examples_split = splits["train"].head(5)
+
+    log.info("before fine-tuning (test split):")
+    before_scored, before = evaluate_both_modes(base.model, fmt, test, generate_test, batch_size)
+    examples_before = predict(base.model, fmt, examples_split.texts, "score").labels
+
+    log.info("fine-tuning: %s", config)
+    summary = train(base.model, fmt, train_split, validation, config, out_dir, resume=resume, progress=progress,
+                    base_model_id=base.base_model_id)
+
+    log.info("after fine-tuning (test split):")
+    after_scored, after = evaluate_both_modes(base.model, fmt, test, generate_test, batch_size)
+    examples_after = predict(base.model, fmt, examples_split.texts, "score").labels
+
+    write_label_ids(out_dir / "predictions" / "test_before.txt", before_scored.labels)
+    write_label_ids(out_dir / "predictions" / "test_after.txt", after_scored.labels)
+    metrics = {
+        "base_model_id": base.base_model_id,
+        "model_source": base.source,
+        "data": {"spec": data_spec, "sizes": {name: len(s) for name, s in splits.items()}},
+        "preset": preset.name,
+        "subset_note": subset_note,
+        "system_prompt": system_prompt,
+        "training": summary,
+        "results": {"before": {"test": before}, "after": {"test": after}},
+        "examples": [
+            {"text": t, "label": LABELS[y], "before": LABELS[b], "after": LABELS[a]}
+            for t, y, b, a in zip(examples_split.texts, examples_split.labels, examples_before, examples_after)
+        ],
+        "environment": environment(device),
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    write_report(out_dir)
+    log.info("done in %.0f s: %s", metrics["total_seconds"], out_dir)
+    return metrics
+
+
+def describe_subsets(preset: Preset, splits: dict[str, Split], train_split, test, generate_test) -> str | None:
+    parts = []
+    if len(train_split) < len(splits["train"]):
+        parts.append(f"trained on the first {len(train_split):,} of {len(splits['train']):,} train tweets")
+    if len(test) < len(splits["test"]):
+        parts.append(f"scored on the first {len(test):,} of {len(splits['test']):,} test tweets")
+    if len(generate_test) < len(test):
+        parts.append(f"generation evaluated on the first {len(generate_test):,}")
+    return "; ".join(parts) or None

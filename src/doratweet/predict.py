@@ -1,0 +1,125 @@
+"""`SentimentClassifier`: the Python API for a trained adapter, and file-to-file prediction."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import LABELS
+from .adapters import load_adapter, merge_adapters, read_adapter_config
+from .errors import UserError
+from .evaluate import predict as predict_with_model
+from .models import EMBEDDED_NAME, EMBEDDED_UPSTREAM_ID, load_base_model
+from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
+
+
+def adapter_folder(path: str | os.PathLike) -> Path:
+    """Accept a run folder (with adapter/) or an adapter folder."""
+    path = Path(path)
+    if (path / "adapter" / "adapter_config.json").is_file():
+        return path / "adapter"
+    if (path / "adapter_config.json").is_file():
+        return path
+    raise UserError(f"{path}: neither an adapter folder (adapter_config.json) nor a run folder (adapter/)")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class SentimentClassifier:
+    """Labels tweets negative / neutral / positive with a base model and a trained adapter."""
+
+    def __init__(self, model, prompt_format, base_model_id: str, batch_size: int = 32):
+        self.model = model
+        self.prompt_format = prompt_format
+        self.base_model_id = base_model_id
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        model: str | None = None,
+        device: str | torch.device | None = None,
+        merge: bool = True,
+        trust_remote_code: bool = False,
+    ) -> "SentimentClassifier":
+        """`path` is a run folder or an adapter folder; `model` overrides the base model it names.
+
+        The adapter is merged into the weights by default: prediction then costs what the base model costs.
+        """
+        folder = adapter_folder(path)
+        config = read_adapter_config(folder)
+        spec = model or base_model_spec(config)
+        device = torch.device(device) if device else default_device()
+        base = load_base_model(spec, device=device, trust_remote_code=trust_remote_code)
+        load_adapter(base.model, folder)
+        if merge:
+            merge_adapters(base.model)
+        base.model.eval()
+        system_prompt = config.extra.get("system_prompt", DEFAULT_SYSTEM_PROMPT)
+        return cls(base.model, make_prompt_format(base.tokenizer, system_prompt), config.base_model_id or spec)
+
+    def predict_proba(self, texts: list[str]) -> list[dict[str, float]]:
+        probabilities = predict_with_model(self.model, self.prompt_format, list(texts), "score", self.batch_size)
+        return [dict(zip(LABELS, map(float, row))) for row in probabilities.probabilities]
+
+    def predict(self, texts: list[str]) -> list[str]:
+        return [max(p, key=p.get) for p in self.predict_proba(texts)]
+
+
+def base_model_spec(config) -> str:
+    """The model an adapter was trained on: the spec recorded at training time, else its base model id.
+    An adapter for SmolLM2-135M-Instruct made by doratweet was trained on the embedded GGUF's weights."""
+    spec = config.extra.get("model_spec") or config.base_model_id
+    if spec is None:
+        raise UserError("the adapter's config names no base model; pass --model")
+    if spec == EMBEDDED_UPSTREAM_ID and config.extra.get("model_spec") == EMBEDDED_NAME:
+        return EMBEDDED_NAME
+    return spec
+
+
+def read_prediction_input(path: str | None, texts: list[str], text_column: str = "text") -> list[str]:
+    """Texts from arguments, a file (.txt one per line, .csv, .jsonl, .parquet) or stdin ('-' or nothing)."""
+    from .data import read_texts
+
+    if texts:
+        return texts
+    if path and path != "-":
+        return read_texts(path, text_column=text_column)
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UserError("predict: give texts as arguments, --input FILE, or pipe them on stdin")
+    lines = [line.strip() for line in sys.stdin.read().split("\n")]
+    return [line for line in lines if line]
+
+
+def format_predictions(texts: list[str], probabilities: list[dict[str, float]], fmt: str) -> str:
+    """Rows of text, label and the three probabilities as jsonl, csv or an aligned table."""
+    rows = [{"text": t, "label": max(p, key=p.get), **{f"p_{k}": round(v, 4) for k, v in p.items()}}
+            for t, p in zip(texts, probabilities)]
+    if fmt == "jsonl":
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+    lines = [f"{r['label']:<8}  " + "  ".join(f"{k[2:]}={r[k]:.3f}" for k in r if k.startswith("p_")) +
+             f"  {r['text'][:80]}" for r in rows]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def write_atomically(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

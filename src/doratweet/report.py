@@ -1,0 +1,518 @@
+"""Turn a run folder into plots and a Hugging Face model card (README.md).
+
+A run folder holds `metrics.json` (settings, results, examples, environment), `train_log.jsonl` (one JSON
+object per logged step; evaluation lines carry `val_macro_f1`) and `adapter/` in PEFT's format. The report
+reads those files only: nothing is recomputed, so the card shows exactly what the run measured.
+
+Results are nested `results[stage][split][mode]`, with stage `before` (zero-shot) or `after` (with the
+adapter), and mode `score` (the likelihood of each label word decides) or `generate` (a free greedy answer,
+parsed for a label word). Any of them may be missing; what is missing is left out of the card and plots.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from . import LABELS
+from .errors import UserError
+
+METRICS_FILE = "metrics.json"
+LOG_FILE = "train_log.jsonl"
+ADAPTER_DIR = "adapter"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+PLOTS_DIR = "plots"
+README_FILE = "README.md"
+
+HUB_DATASET = "cardiffnlp/tweet_eval"
+UNPARSED = "unparsed"
+STAGES = ("before", "after")
+MODES = ("score", "generate")
+_STAGE_NAMES = {"before": "before (zero-shot)", "after": "after training"}
+_MODE_NAMES = {"score": "label scored", "generate": "generated"}
+# Card order, with the alt text each image gets.
+_PLOT_CAPTIONS = {
+    "training_curves": "Training loss and validation macro-F1",
+    "confusion_before": "Confusion matrix before training",
+    "confusion_after": "Confusion matrix after training",
+    "per_class_f1": "Per-class F1 before and after training",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading the run folder
+
+
+def load_metrics(run_dir: str | Path) -> dict:
+    """`run_dir/metrics.json` as a dict; a missing or unreadable file is the user's to fix."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; run `doratweet run` first, then report on its run folder")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise UserError(
+            f"{path}:{error.lineno}: invalid JSON ({error.msg}); run `doratweet run` again to rewrite it"
+        ) from None
+    if not isinstance(metrics, dict) or "base_model_id" not in metrics:
+        raise UserError(f"{path}: not a doratweet metrics file (no base_model_id); run `doratweet run` first")
+    return metrics
+
+
+def load_train_log(run_dir: str | Path) -> list[dict]:
+    """The lines of `run_dir/train_log.jsonl`, in order; an absent file is an empty log."""
+    path = Path(run_dir) / LOG_FILE
+    if not path.is_file():
+        return []
+    log = []
+    with path.open(encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(
+                    f"{path}:{line_number}: invalid JSON ({error.msg}); fix or delete that line"
+                ) from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{line_number}: expected a JSON object; fix or delete that line")
+            log.append(record)
+    return log
+
+
+def load_adapter_config(run_dir: str | Path) -> dict | None:
+    """PEFT's `adapter_config.json` from `run_dir/adapter`, or None when the run saved no adapter."""
+    path = Path(run_dir) / ADAPTER_DIR / ADAPTER_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise UserError(
+            f"{path}:{error.lineno}: invalid JSON ({error.msg}); run `doratweet run` again to rewrite it"
+        ) from None
+
+
+def result(metrics: dict, stage: str, mode: str, split: str = "test") -> dict | None:
+    """One block of metrics, e.g. `result(m, "after", "score")`, or None when the run did not measure it."""
+    by_split = (metrics.get("results") or {}).get(stage) or {}
+    return (by_split.get(split) or {}).get(mode) or None
+
+
+def _headline(metrics: dict, stage: str) -> dict | None:
+    """The figures a summary quotes: label scoring when it was run, else generation."""
+    return result(metrics, stage, "score") or result(metrics, stage, "generate")
+
+
+def _headline_mode(metrics: dict) -> str | None:
+    """One mode for plots that compare before and after, so both bars measure the same thing."""
+    for mode in MODES:
+        if result(metrics, "before", mode) or result(metrics, "after", mode):
+            return mode
+    return None
+
+
+def _base_name(metrics: dict) -> str:
+    """`SmolLM2-135M-Instruct` for `HuggingFaceTB/SmolLM2-135M-Instruct` (or a local folder's name)."""
+    return metrics["base_model_id"].rstrip("/").split("/")[-1]
+
+
+def _method(metrics: dict, adapter_config: dict | None) -> str:
+    """The method, `dora` or `lora`, from the run's settings, else from the adapter's PEFT config."""
+    method = (metrics.get("training") or {}).get("method")
+    if method is None and adapter_config is not None:
+        method = "dora" if adapter_config.get("use_dora") else "lora"
+    return method or "dora"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write a temp file beside `path`, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as temp:
+            temp.write(data)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def _new_figure(**options):
+    # matplotlib takes over half a second to import, so only the report pays for it, not every module
+    # that reads metrics. Figure + the Agg canvas draw off-screen without pyplot's global state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(layout="constrained", **options)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png_bytes(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def confusion_columns_to_show(block: dict) -> list[str]:
+    """The predicted-label columns worth drawing: the labels, plus `unparsed` only if some answer was."""
+    columns = block.get("confusion_columns", [*LABELS, UNPARSED])
+    column_totals = [sum(row[i] for row in block["confusion"]) for i in range(len(columns))]
+    return [name for name, total in zip(columns, column_totals) if name != UNPARSED or total > 0]
+
+
+def _draw_confusion(block: dict, title: str) -> bytes:
+    columns = block.get("confusion_columns", [*LABELS, UNPARSED])
+    shown = confusion_columns_to_show(block)
+    counts = [[row[columns.index(name)] for name in shown] for row in block["confusion"]]
+    # Colour is the share of each true class (its recall), so a small class is as readable as neutral,
+    # which holds about half of TweetEval's test tweets; the numbers printed are the raw counts.
+    shares = [[count / max(sum(row), 1) for count in row] for row in counts]
+
+    figure = _new_figure(figsize=(1.3 * len(shown) + 2.2, 4.2))
+    axes = figure.add_subplot()
+    axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i, row in enumerate(counts):
+        for j, count in enumerate(row):
+            colour = "white" if shares[i][j] > 0.6 else "black"
+            axes.text(j, i, f"{count:,}", ha="center", va="center", color=colour, fontsize=11)
+    axes.set_xticks(range(len(shown)), shown)
+    axes.set_yticks(range(len(LABELS)), LABELS)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(f"{title}\nmacro-F1 {block['macro_f1']:.3f}, n = {block['n']:,}", fontsize=11)
+    return _png_bytes(figure)
+
+
+def _draw_training_curves(train_lines: list[dict], eval_lines: list[dict]) -> bytes:
+    panels = int(bool(train_lines)) + int(bool(eval_lines))
+    figure = _new_figure(figsize=(7, 2.6 * panels + 0.4))
+    all_axes = figure.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
+    if train_lines:
+        loss_axes = all_axes[0]
+        loss_axes.plot([r["step"] for r in train_lines], [r["loss"] for r in train_lines], color="tab:blue")
+        loss_axes.set_ylabel("training loss")
+        loss_axes.grid(alpha=0.3)
+    if eval_lines:
+        f1_axes = all_axes[-1]
+        steps = [r["step"] for r in eval_lines]
+        f1_axes.plot(steps, [r["val_macro_f1"] for r in eval_lines], marker="o", color="tab:orange")
+        f1_axes.set_ylabel("validation macro-F1")
+        f1_axes.grid(alpha=0.3)
+    all_axes[-1].set_xlabel("optimiser step")
+    all_axes[0].set_title("Training")
+    return _png_bytes(figure)
+
+
+def _draw_per_class_f1(blocks: dict[str, dict], mode: str) -> bytes:
+    figure = _new_figure(figsize=(6.5, 4))
+    axes = figure.add_subplot()
+    width = 0.8 / len(blocks)
+    colours = {"before": "tab:gray", "after": "tab:blue"}
+    for k, (stage, block) in enumerate(blocks.items()):
+        positions = [i + (k - (len(blocks) - 1) / 2) * width for i in range(len(LABELS))]
+        f1s = [block["per_class"][label]["f1"] for label in LABELS]
+        bars = axes.bar(positions, f1s, width, label=_STAGE_NAMES[stage], color=colours[stage])
+        axes.bar_label(bars, fmt="%.2f", fontsize=9)
+    axes.set_xticks(range(len(LABELS)), LABELS)
+    axes.set_ylim(0, 1.05)
+    axes.set_ylabel("F1")
+    axes.set_title(f"Per-class F1 on the test split ({_MODE_NAMES[mode]})")
+    axes.legend(loc="upper left")
+    return _png_bytes(figure)
+
+
+def write_plots(run_dir: Path, metrics: dict, log: list[dict]) -> dict[str, Path]:
+    """Draw the PNGs the run has data for into `run_dir/plots`; returns plot name -> file written."""
+    drawn: dict[str, bytes] = {}
+
+    train_lines = [r for r in log if "loss" in r and "step" in r]
+    eval_lines = [r for r in log if "val_macro_f1" in r and "step" in r]
+    if train_lines or eval_lines:
+        drawn["training_curves"] = _draw_training_curves(train_lines, eval_lines)
+
+    mode = _headline_mode(metrics)
+    blocks = {stage: result(metrics, stage, mode) for stage in STAGES} if mode else {}
+    for stage, block in blocks.items():
+        if block and "confusion" in block:
+            title = f"{_STAGE_NAMES[stage].capitalize()}, {_MODE_NAMES[mode]}"
+            drawn[f"confusion_{stage}"] = _draw_confusion(block, title)
+    per_class = {stage: block for stage, block in blocks.items() if block and "per_class" in block}
+    if per_class:
+        drawn["per_class_f1"] = _draw_per_class_f1(per_class, mode)
+
+    written = {}
+    for name, png in drawn.items():
+        path = Path(run_dir) / PLOTS_DIR / f"{name}.png"
+        _write_atomically(path, png)
+        written[name] = path
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model card
+
+
+def _f3(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _count(value) -> str:
+    return "–" if value is None else f"{value:,}"
+
+
+def _table_cell(text) -> str:
+    """Text safe inside a Markdown table row: a `|` would end the cell, a newline the row, and `<` could
+    open an HTML tag on the Hub."""
+    text = str(text).replace("<", "&lt;").replace("|", "\\|")
+    return "<br>".join(text.splitlines())
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 90 else f"{seconds:,.0f} s ({seconds / 60:.1f} min)"
+
+
+def _front_matter(metrics: dict, method: str) -> str:
+    card = {
+        "base_model": metrics["base_model_id"],
+        "datasets": [HUB_DATASET],
+        "library_name": "peft",
+        "license": "apache-2.0",
+        "language": ["en"],
+        "pipeline_tag": "text-classification",
+        "tags": ["doratweet", method, "peft", "sentiment-analysis", "tweet_eval"],
+    }
+    after = result(metrics, "after", "score")
+    if after:
+        card["model-index"] = [{
+            "name": f"{_base_name(metrics)}-{method}-tweet-sentiment",
+            "results": [{
+                "task": {"type": "text-classification", "name": "Sentiment analysis"},
+                "dataset": {"name": "TweetEval (sentiment)", "type": HUB_DATASET, "config": "sentiment",
+                            "split": "test"},
+                "metrics": [
+                    {"type": "f1", "value": after["macro_f1"], "name": "Macro-F1"},
+                    {"type": "recall", "value": after["macro_recall"], "name": "Macro-recall"},
+                    {"type": "accuracy", "value": after["accuracy"], "name": "Accuracy"},
+                ],
+            }],
+        }]
+    return "---\n" + yaml.safe_dump(card, sort_keys=False, allow_unicode=True) + "---"
+
+
+def _intro(metrics: dict, method_name: str) -> str:
+    base = metrics["base_model_id"]
+    lines = [
+        f"A {method_name} adapter for `{base}` that labels the sentiment of a tweet as negative, neutral or "
+        f"positive. It was trained with [doratweet](https://pypi.org/project/doratweet/) on TweetEval "
+        f"(sentiment) and is saved in PEFT's format, so plain PEFT + transformers can load it too."
+    ]
+    before, after = _headline(metrics, "before"), _headline(metrics, "after")
+    if after:
+        summary = (f"On the test split it reaches macro-F1 **{after['macro_f1']:.3f}** "
+                   f"(macro-recall {after['macro_recall']:.3f}, accuracy {after['accuracy']:.3f}")
+        if before:
+            summary += f"; the base model zero-shot: macro-F1 {before['macro_f1']:.3f}"
+        lines.append(summary + ").")
+    if metrics.get("subset_note"):
+        lines.append(f"> **Trained and evaluated on subsets:** {metrics['subset_note']}. These figures are "
+                     f"not directly comparable with results on the full TweetEval test split.")
+    return "\n\n".join(lines)
+
+
+def _how_to_use(metrics: dict, adapter_config: dict | None, adapter_path: str) -> str:
+    system_prompt = json.dumps(metrics.get("system_prompt") or "", ensure_ascii=False)
+    sections = [
+        "## How to use",
+        "### With doratweet",
+        f'```bash\npip install doratweet\ndoratweet predict --adapter {adapter_path} "I love this!"\n```',
+        "```python\nfrom doratweet import SentimentClassifier\n\n"
+        f'clf = SentimentClassifier.load("{adapter_path}")\n'
+        'clf.predict(["I love this!", "Stuck in traffic again."])  # one label per tweet\n```',
+        "doratweet compares the likelihood of the three label words (the *label scored* rows in Results), so "
+        "every tweet gets a label.",
+        "### With PEFT and transformers",
+        "Greedy generation of a few tokens gives the *generated* rows in Results; the answer is one label word.",
+        f"""```python
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+BASE = "{metrics['base_model_id']}"
+ADAPTER = "{adapter_path}"  # or the Hub repo id, with subfolder="{ADAPTER_DIR}"
+SYSTEM = {system_prompt}
+
+tokenizer = AutoTokenizer.from_pretrained(BASE)
+base = AutoModelForCausalLM.from_pretrained(BASE)
+model = PeftModel.from_pretrained(base, ADAPTER).eval()
+
+tweet = "I love this!"
+messages = [{{"role": "system", "content": SYSTEM}}, {{"role": "user", "content": tweet}}]
+inputs = tokenizer.apply_chat_template(
+    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+)
+with torch.no_grad():
+    output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+print(answer.strip())  # negative, neutral or positive
+```""",
+    ]
+    if adapter_config:
+        sections.append(
+            f"`{ADAPTER_DIR}/` holds `{ADAPTER_CONFIG_FILE}` (PEFT LoraConfig: "
+            f"`r={adapter_config.get('r')}`, `lora_alpha={adapter_config.get('lora_alpha')}`, "
+            f"`use_dora={adapter_config.get('use_dora', False)}`) and the adapter weights."
+        )
+    return "\n\n".join(sections)
+
+
+def _training_details(metrics: dict, method_name: str) -> str:
+    training = metrics.get("training") or {}
+    rows = [["method", method_name]]
+    data = metrics.get("data") or {}
+    if data:
+        sizes = ", ".join(f"{split} {count:,}" for split, count in (data.get("sizes") or {}).items())
+        rows.append(["data", f"`{data.get('spec')}`" + (f" ({sizes} tweets)" if sizes else "")])
+    # (row name, key in metrics.training, how to show the value); keys the run did not record are skipped.
+    settings = [
+        ("rank r", "rank", str),
+        ("alpha", "alpha", lambda v: f"{v:g}"),
+        ("dropout", "dropout", lambda v: f"{v:g}"),
+        ("target modules", "targets", lambda v: ", ".join(f"`{t}`" for t in v)),
+        ("rsLoRA scaling", "use_rslora", lambda v: "yes" if v else "no"),
+        ("epochs", "epochs", lambda v: f"{v:g}"),
+        ("learning rate", "lr", lambda v: f"{v:g}"),
+        ("batch size", "batch_size", str),
+        ("gradient accumulation", "grad_accum", str),
+        ("warm-up ratio", "warmup_ratio", lambda v: f"{v:g}"),
+        ("weight decay", "weight_decay", lambda v: f"{v:g}"),
+        ("max grad norm", "max_grad_norm", lambda v: f"{v:g}"),
+        ("seed", "seed", str),
+        ("optimiser steps", "steps", _count),
+        ("training examples", "train_examples", _count),
+        ("training tokens", "tokens", _count),
+        ("training time", "seconds", _duration),
+    ]
+    rows += [[name, show(training[key])] for name, key, show in settings if training.get(key) is not None]
+    if training.get("device"):
+        rows.append(["device / precision", f"{training['device']} / {training.get('precision', '–')}"])
+    trainable, total = training.get("trainable_parameters"), training.get("total_parameters")
+    if trainable is not None:
+        share = f" ({100 * trainable / total:.2f}% of {total:,})" if total else ""
+        rows.append(["trainable parameters", f"{trainable:,}{share}"])
+    if training.get("best_val_macro_f1") is not None:
+        rows.append(["best validation macro-F1",
+                     f"{training['best_val_macro_f1']:.3f} at step {training.get('best_step', '–')}"])
+    if metrics.get("preset"):
+        rows.append(["preset", f"`{metrics['preset']}`"])
+
+    sections = ["## Training details", _table(["setting", "value"], rows)]
+    if metrics.get("system_prompt"):
+        sections += ["System prompt:", f"```text\n{metrics['system_prompt']}\n```"]
+    return "\n\n".join(sections)
+
+
+def _results(metrics: dict) -> str | None:
+    rows = []
+    for stage in STAGES:
+        for mode in MODES:
+            block = result(metrics, stage, mode)
+            if block:
+                rows.append([
+                    f"{_STAGE_NAMES[stage]}, {_MODE_NAMES[mode]}", _count(block.get("n")),
+                    _f3(block.get("macro_f1")), _f3(block.get("macro_recall")), _f3(block.get("accuracy")),
+                    _count(block.get("unparsed")), _f3(block.get("macro_f1_4class")),
+                ])
+    if not rows:
+        return None
+    header = ["TweetEval test", "n", "macro-F1", "macro-recall", "accuracy", "unparsed",
+              "4-class macro-F1 (course metric)"]
+    return "\n\n".join([
+        "## Results",
+        _table(header, rows),
+        "*Label scored*: the likelihood of each label word decides, so no answer is unparsed. *Generated*: a "
+        "free greedy answer is parsed for a label word; answers naming none are *unparsed* and count as wrong.",
+        "Macro-recall (the mean recall over the three classes) is TweetEval's official metric for sentiment. "
+        "The 4-class macro-F1 counts unparsed answers as a fourth class, as the course did, which is why it "
+        "is lower than the 3-class macro-F1.",
+    ])
+
+
+def _examples(metrics: dict) -> str | None:
+    examples = metrics.get("examples") or []
+    if not examples:
+        return None
+    rows = [[_table_cell(e.get(key) or "–") for key in ("text", "label", "before", "after")] for e in examples]
+    return "## Examples\n\n" + _table(["tweet", "true label", "before", "after"], rows)
+
+
+def _plots(plots: dict[str, Path], run_dir: Path) -> str | None:
+    if not plots:
+        return None
+    names = [name for name in _PLOT_CAPTIONS if name in plots] + [n for n in plots if n not in _PLOT_CAPTIONS]
+    links = []
+    for name in names:
+        relative = Path(plots[name]).resolve().relative_to(Path(run_dir).resolve()).as_posix()
+        links.append(f"![{_PLOT_CAPTIONS.get(name, name)}]({relative})")
+    return "## Plots\n\n" + "\n\n".join(links)
+
+
+def _environment(metrics: dict) -> str | None:
+    environment = metrics.get("environment") or {}
+    if not environment:
+        return None
+    return "## Environment\n\n" + "\n".join(f"- {key}: {value}" for key, value in environment.items())
+
+
+def render_model_card(metrics: dict, adapter_config: dict | None, plots: dict[str, Path], run_dir: Path) -> str:
+    """The README.md text: YAML front matter for the Hub, then what the adapter is, how to use it, how it
+    was trained and how well it does."""
+    method = _method(metrics, adapter_config)
+    method_name = {"dora": "DoRA", "lora": "LoRA"}.get(method, method)
+    # The card sits in the run folder; usage examples name the adapter as seen from the folder above it.
+    adapter_path = f"{Path(run_dir).resolve().name}/{ADAPTER_DIR}"
+    sections = [
+        _front_matter(metrics, method),
+        f"# {_base_name(metrics)} + {method_name} for tweet sentiment",
+        _intro(metrics, method_name),
+        _how_to_use(metrics, adapter_config, adapter_path),
+        _training_details(metrics, method_name),
+        _results(metrics),
+        _examples(metrics),
+        _plots(plots, run_dir),
+        _environment(metrics),
+    ]
+    return "\n\n".join(section for section in sections if section) + "\n"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Read a run folder, write its plots and README.md model card; returns the README's path."""
+    run_dir = Path(run_dir)
+    metrics = load_metrics(run_dir)
+    log = load_train_log(run_dir)
+    adapter_config = load_adapter_config(run_dir)
+    plots = write_plots(run_dir, metrics, log)
+    readme = run_dir / README_FILE
+    _write_atomically(readme, render_model_card(metrics, adapter_config, plots, run_dir).encode("utf-8"))
+    return readme

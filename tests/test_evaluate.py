@@ -1,0 +1,71 @@
+"""Scoring is the exact answer likelihood; parsing and metrics match their definitions and scikit-learn."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import TWEETS, build_tiny_model
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, recall_score
+
+from doratweet.evaluate import UNPARSED, classification_metrics, parse_label, predict, score_labels
+from doratweet.prompts import make_prompt_format
+
+
+def test_batched_scores_equal_full_sequence_log_likelihoods():
+    model, tokenizer = build_tiny_model()
+    fmt = make_prompt_format(tokenizer)
+    prompts = fmt.prompt_ids([t for t, _ in TWEETS])
+    scores = score_labels(model, fmt, prompts, batch_size=5)  # uneven lengths, padding, a partial batch
+    for row, prompt in enumerate(prompts):
+        for k, answer in enumerate(fmt.answer_ids):
+            logp = torch.log_softmax(model(torch.tensor([prompt + answer])).logits[0], dim=-1)
+            expected = sum(logp[len(prompt) - 1 + j, answer[j]].item() for j in range(len(answer)))
+            assert scores[row, k] == pytest.approx(expected, abs=1e-4)
+
+
+def test_score_mode_gives_probabilities_that_sum_to_one_and_never_unparsed():
+    model, tokenizer = build_tiny_model()
+    result = predict(model, make_prompt_format(tokenizer), [t for t, _ in TWEETS], "score")
+    assert np.allclose(result.probabilities.sum(axis=1), 1.0)
+    assert (result.labels == result.probabilities.argmax(axis=1)).all() and (result.labels < 3).all()
+
+
+def test_generate_mode_counts_answers_without_a_label_as_unparsed():
+    model, tokenizer = build_tiny_model()  # random weights: answers are junk, hence unparsed
+    result = predict(model, make_prompt_format(tokenizer), [t for t, _ in TWEETS[:3]], "generate")
+    assert len(result.answers) == 3
+    assert all(y == parse_label(a) for y, a in zip(result.labels, result.answers))
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("positive", 2), ("Negative.", 0), (" neutral\n", 1), ("I think it is positive, not negative", 2),
+    ("POSITIVE!", 2), ("positively", UNPARSED), ("", UNPARSED), ("no idea", UNPARSED),
+])
+def test_parse_label_takes_the_first_label_word(answer, expected):
+    assert parse_label(answer) == expected
+
+
+def test_metrics_equal_scikit_learn_including_unparsed_answers():
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 3, 200)
+    y_pred = np.where(rng.random(200) < 0.7, y_true, rng.integers(0, 4, 200))  # some UNPARSED (3)
+    m = classification_metrics(y_true, y_pred)
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=[0, 1, 2], average="macro"))
+    assert m["macro_recall"] == pytest.approx(recall_score(y_true, y_pred, labels=[0, 1, 2], average="macro"))
+    assert m["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert m["macro_f1_4class"] == pytest.approx(
+        f1_score(y_true, y_pred, labels=[0, 1, 2, 3], average="macro", zero_division=0))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=[0, 1, 2], zero_division=0)
+    for i, label in enumerate(["negative", "neutral", "positive"]):
+        assert m["per_class"][label]["precision"] == pytest.approx(p[i])
+        assert m["per_class"][label]["recall"] == pytest.approx(r[i])
+        assert m["per_class"][label]["f1"] == pytest.approx(f[i])
+        assert m["per_class"][label]["support"] == s[i]
+    assert m["unparsed"] == int((y_pred == 3).sum())
+    assert np.array(m["confusion"]).sum() == 200 and len(m["confusion"][0]) == 4
+
+
+def test_metrics_of_a_known_small_case():
+    m = classification_metrics([0, 0, 1, 2], [0, 1, 1, UNPARSED])
+    assert m["accuracy"] == 0.5
+    assert m["confusion"] == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]]
+    assert m["per_class"]["positive"]["f1"] == 0.0

@@ -1,0 +1,304 @@
+"""The report turns a run folder into PNG plots and a Hugging Face model card (README.md)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from matplotlib import image
+
+from doratweet.errors import UserError
+from doratweet.report import (
+    confusion_columns_to_show,
+    load_metrics,
+    render_model_card,
+    write_plots,
+    write_report,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SYSTEM_PROMPT = 'Classify the sentiment of the tweet. Answer with one word: "negative", "neutral" or "positive".'
+
+
+def block(mode: str, macro_f1: float, macro_recall: float, accuracy: float, confusion: list[list[int]]) -> dict:
+    """One metrics block as evaluate.classification_metrics writes it (figures rounded for reading)."""
+    unparsed = sum(row[3] for row in confusion)
+    labels = ("negative", "neutral", "positive")
+    return {
+        "mode": mode, "split": "test", "n": sum(map(sum, confusion)),
+        "macro_f1": macro_f1, "macro_recall": macro_recall, "accuracy": accuracy, "unparsed": unparsed,
+        "macro_f1_4class": 0.75 * macro_f1, "seconds": 9.8, "tweets_per_s": 102.0,
+        "per_class": {
+            label: {"precision": 0.6, "recall": 0.6, "f1": f1, "support": sum(confusion[i])}
+            for i, (label, f1) in enumerate(zip(labels, (macro_f1 - 0.1, macro_f1, macro_f1 + 0.1)))
+        },
+        "confusion": confusion,
+        "confusion_columns": [*labels, "unparsed"],
+    }
+
+
+BEFORE_SCORE = block("score", 0.245, 0.387, 0.350, [[100, 150, 73, 0], [120, 300, 69, 0], [30, 90, 68, 0]])
+AFTER_SCORE = block("score", 0.6034, 0.6121, 0.6247, [[230, 70, 23, 0], [60, 340, 89, 0], [20, 73, 95, 0]])
+AFTER_GENERATE = block("generate", 0.5871, 0.5902, 0.6, [[220, 70, 23, 10], [60, 330, 89, 10], [20, 70, 90, 8]])
+
+METRICS = {
+    "base_model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "model_source": "/root/.cache/doratweet/models/smollm2-135m-instruct",
+    "data": {"spec": "tweet_eval", "sizes": {"train": 45615, "validation": 2000, "test": 12284}},
+    "preset": "quick",
+    "subset_note": "trained on the first 4,000 train tweets; evaluated on the first 1,000 test tweets",
+    "system_prompt": SYSTEM_PROMPT,
+    "training": {
+        "method": "dora", "rank": 16, "alpha": 32.0, "dropout": 0.05,
+        "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "use_rslora": False, "epochs": 1, "lr": 0.0002, "batch_size": 16, "grad_accum": 1,
+        "warmup_ratio": 0.03, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0, "steps": 250,
+        "train_examples": 4000, "tokens": 240000, "seconds": 512.3, "device": "cpu", "precision": "fp32",
+        "trainable_parameters": 1234567, "total_parameters": 134515008, "best_step": 250,
+        "best_val_macro_f1": 0.61,
+    },
+    "results": {
+        "before": {"test": {"score": BEFORE_SCORE}},
+        "after": {"test": {"score": AFTER_SCORE, "generate": AFTER_GENERATE}},
+    },
+    "examples": [
+        {"text": "best | worst day\never", "label": "neutral", "before": "negative", "after": "neutral"},
+        {"text": "I love this phone, best purchase ever", "label": "positive", "before": "neutral",
+         "after": "positive"},
+    ],
+    "environment": {"device": "cpu", "machine": "2-core Intel Xeon", "torch": "2.13.0",
+                    "transformers": "5.23.0", "doratweet": "0.1.0", "date": "2026-11-26"},
+}
+ADAPTER_CONFIG = {
+    "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": METRICS["base_model_id"],
+    "r": 16, "lora_alpha": 32.0, "lora_dropout": 0.05, "target_modules": METRICS["training"]["targets"],
+    "use_dora": True, "use_rslora": False,
+}
+
+
+def train_log() -> list[dict]:
+    """18 training lines with a falling loss and 2 evaluation lines, in the order training writes them."""
+    lines = []
+    for step in range(10, 190, 10):
+        lines.append({"step": step, "epoch": step / 250, "loss": 2.0 / (1 + step / 50), "lr": 0.0002,
+                      "tokens_per_s": 420.0, "elapsed_s": step * 2.0})
+        if step in (90, 180):
+            lines.append({"step": step, "val_macro_f1": 0.4 + step / 1000, "val_macro_recall": 0.5,
+                          "val_accuracy": 0.55})
+    return lines
+
+
+def make_run_dir(folder: Path, metrics: dict = METRICS, log: list[dict] | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    log_lines = train_log() if log is None else log
+    (folder / "train_log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in log_lines))
+    (folder / "adapter").mkdir(exist_ok=True)
+    (folder / "adapter" / "adapter_config.json").write_text(json.dumps(ADAPTER_CONFIG))
+    return folder
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    return make_run_dir(tmp_path / "run-quick")
+
+
+@pytest.fixture(scope="module")
+def reported_run(tmp_path_factory) -> Path:
+    """One full run folder with its report written, shared by the tests that only read it."""
+    folder = make_run_dir(tmp_path_factory.mktemp("runs") / "run-quick")
+    write_report(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def card(reported_run) -> str:
+    return (reported_run / "README.md").read_text(encoding="utf-8")
+
+
+def front_matter(card_text: str) -> dict:
+    assert card_text.startswith("---\n")
+    yaml_text = card_text.split("\n---\n", 1)[0].removeprefix("---\n")
+    return yaml.safe_load(yaml_text)
+
+
+def section(card_text: str, heading: str) -> str:
+    """The text under `## heading`, up to the next `## `."""
+    return card_text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+# --- the model card --------------------------------------------------------------------------------------
+
+
+def test_card_has_every_section_heading(card):
+    for heading in ("How to use", "Training details", "Results", "Examples", "Plots", "Environment"):
+        assert f"\n## {heading}\n" in card
+    assert "\n# SmolLM2-135M-Instruct + DoRA for tweet sentiment\n" in card
+
+
+def test_front_matter_is_valid_yaml_with_the_hub_fields(card):
+    meta = front_matter(card)
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert meta["datasets"] == ["cardiffnlp/tweet_eval"]
+    assert meta["library_name"] == "peft"
+    assert meta["license"] == "apache-2.0"
+    assert meta["language"] == ["en"]
+    assert meta["pipeline_tag"] == "text-classification"
+    assert set(meta["tags"]) == {"doratweet", "dora", "peft", "sentiment-analysis", "tweet_eval"}
+
+
+def test_model_index_reports_the_after_training_label_scored_test_metrics(card):
+    (entry,) = front_matter(card)["model-index"]
+    (result,) = entry["results"]
+    assert result["task"]["type"] == "text-classification"
+    assert result["dataset"] == {"name": "TweetEval (sentiment)", "type": "cardiffnlp/tweet_eval",
+                                 "config": "sentiment", "split": "test"}
+    values = {m["type"]: m["value"] for m in result["metrics"]}
+    assert values == {"f1": AFTER_SCORE["macro_f1"], "recall": AFTER_SCORE["macro_recall"],
+                      "accuracy": AFTER_SCORE["accuracy"]}
+    assert {m["type"]: m["name"] for m in result["metrics"]}["f1"] == "Macro-F1"
+
+
+def test_intro_says_what_the_adapter_is_and_quotes_the_subset_note(card):
+    intro = card.split("\n## How to use\n", 1)[0]
+    assert "DoRA adapter for `HuggingFaceTB/SmolLM2-135M-Instruct`" in intro
+    assert "negative, neutral or positive" in intro
+    assert f"> **Trained and evaluated on subsets:** {METRICS['subset_note']}" in intro
+
+
+def test_card_without_subset_note_has_no_subset_quote(tmp_path):
+    metrics = {**METRICS, "subset_note": None}
+    card = render_model_card(metrics, ADAPTER_CONFIG, {}, tmp_path)
+    assert "subsets" not in card
+
+
+def test_peft_usage_builds_the_chat_prompt_with_the_runs_system_prompt(card):
+    usage = section(card, "How to use")
+    assert "pip install doratweet" in usage
+    assert 'doratweet predict --adapter run-quick/adapter "I love this!"' in usage
+    assert 'SentimentClassifier.load("run-quick/adapter")' in usage
+    assert 'BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"' in usage
+    assert f"SYSTEM = {json.dumps(SYSTEM_PROMPT)}" in usage
+    assert "PeftModel.from_pretrained(base, ADAPTER)" in usage
+    assert "add_generation_prompt=True" in usage
+    assert "do_sample=False" in usage
+
+
+def test_training_table_lists_settings_and_the_trainable_share(card):
+    details = section(card, "Training details")
+    assert "| rank r | 16 |" in details
+    assert "| learning rate | 0.0002 |" in details
+    assert "| target modules | `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj` |" in details
+    assert "| trainable parameters | 1,234,567 (0.92% of 134,515,008) |" in details
+    assert "| training time | 512 s (8.5 min) |" in details
+    assert SYSTEM_PROMPT in details
+
+
+def test_results_table_has_a_row_per_measured_stage_and_mode_with_3_decimals(card):
+    results = section(card, "Results")
+    rows = [line for line in results.splitlines() if line.startswith("| before") or line.startswith("| after")]
+    assert rows == [
+        "| before (zero-shot), label scored | 1,000 | 0.245 | 0.387 | 0.350 | 0 | 0.184 |",
+        "| after training, label scored | 1,000 | 0.603 | 0.612 | 0.625 | 0 | 0.453 |",
+        "| after training, generated | 1,000 | 0.587 | 0.590 | 0.600 | 28 | 0.440 |",
+    ]
+    assert "TweetEval's official metric" in results
+
+
+def test_examples_table_escapes_pipes_and_newlines(card):
+    examples = section(card, "Examples")
+    assert "| best \\| worst day<br>ever | neutral | negative | neutral |" in examples
+
+
+def test_card_links_each_plot_by_its_relative_path(card):
+    plots = section(card, "Plots")
+    for name in ("training_curves", "confusion_before", "confusion_after", "per_class_f1"):
+        assert f"](plots/{name}.png)" in plots
+
+
+def test_environment_lists_the_runs_machine_and_versions(card):
+    environment = section(card, "Environment")
+    assert "- machine: 2-core Intel Xeon" in environment
+    assert "- torch: 2.13.0" in environment
+
+
+def test_card_without_generate_results_examples_or_plots_leaves_them_out(tmp_path):
+    metrics = copy.deepcopy(METRICS)
+    del metrics["results"]["after"]["test"]["generate"]
+    del metrics["examples"]
+    card = render_model_card(metrics, None, {}, tmp_path)
+    assert "generated |" not in section(card, "Results")
+    assert "## Examples" not in card
+    assert "## Plots" not in card
+    assert "adapter_config.json" not in card
+
+
+# --- plots ---------------------------------------------------------------------------------------------------
+
+
+def test_plots_are_real_pngs_that_read_back(reported_run):
+    for name in ("training_curves", "confusion_before", "confusion_after", "per_class_f1"):
+        path = reported_run / "plots" / f"{name}.png"
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        pixels = image.imread(path)
+        assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 200
+        assert np.ptp(pixels[..., :3]) > 0.5  # drawn on, not a blank canvas
+
+
+def test_writing_plots_leaves_no_temporary_files(reported_run):
+    assert sorted(p.name for p in (reported_run / "plots").iterdir()) == [
+        "confusion_after.png", "confusion_before.png", "per_class_f1.png", "training_curves.png",
+    ]
+
+
+def test_plots_without_data_are_skipped(tmp_path):
+    metrics = {**METRICS, "results": {"after": {"test": {"score": AFTER_SCORE}}}}
+    written = write_plots(tmp_path, metrics, log=[])
+    assert sorted(written) == ["confusion_after", "per_class_f1"]
+    assert written["confusion_after"] == tmp_path / "plots" / "confusion_after.png"
+
+
+def test_confusion_shows_the_unparsed_column_only_when_some_answer_was_unparsed():
+    assert confusion_columns_to_show(AFTER_SCORE) == ["negative", "neutral", "positive"]
+    assert confusion_columns_to_show(AFTER_GENERATE) == ["negative", "neutral", "positive", "unparsed"]
+
+
+# --- reading the run folder ------------------------------------------------------------------------------
+
+
+def test_missing_metrics_json_says_to_run_first(tmp_path):
+    with pytest.raises(UserError, match=r"metrics\.json: no such file; run `doratweet run` first"):
+        write_report(tmp_path)
+
+
+def test_invalid_metrics_json_names_the_file_and_line(tmp_path):
+    (tmp_path / "metrics.json").write_text('{"base_model_id": "x",\n  oops}\n')
+    with pytest.raises(UserError, match=r"metrics\.json:2: invalid JSON"):
+        load_metrics(tmp_path)
+
+
+def test_malformed_log_line_names_the_file_and_line(run_dir):
+    lines = (run_dir / "train_log.jsonl").read_text().splitlines()
+    lines[2] = '{"step": 30, "loss": '
+    (run_dir / "train_log.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=r"train_log\.jsonl:3: invalid JSON"):
+        write_report(run_dir)
+
+
+def test_report_without_log_or_adapter_still_writes_a_card(tmp_path):
+    folder = tmp_path / "bare-run"
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps(METRICS))
+    readme = write_report(folder)
+    assert "## Results" in readme.read_text()
+    assert not (folder / "plots" / "training_curves.png").exists()
+
+
+def test_write_report_is_idempotent(run_dir):
+    first = write_report(run_dir).read_text()
+    second = write_report(run_dir).read_text()
+    assert first == second

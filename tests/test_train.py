@@ -1,0 +1,68 @@
+"""The training loop: it learns, it is reproducible, and an interrupted run resumes to the same result."""
+
+import json
+
+import pytest
+import torch
+from conftest import TWEETS, build_tiny_model
+from safetensors.torch import load_file
+
+from doratweet.data import Split
+from doratweet.prompts import make_prompt_format
+from doratweet.train import TrainConfig, epoch_batches, train
+
+TRAIN = Split("train", [t for t, _ in TWEETS], [y for _, y in TWEETS], "test")
+VAL = Split("validation", [t for t, _ in TWEETS[:6]], [y for _, y in TWEETS[:6]], "test")
+
+
+def run(tmp_path, name, resume=False, on_step=None, lr=5e-3, val=None, **options):
+    model, tokenizer = build_tiny_model()
+    config = TrainConfig(rank=4, alpha=8, batch_size=4, lr=lr, dropout=0.1, log_every=1, **options)
+    summary = train(model, make_prompt_format(tokenizer), TRAIN, val, config, tmp_path / name,
+                    resume=resume, progress=False, on_step=on_step)
+    return summary, load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+
+
+def test_loss_goes_down(tmp_path):
+    run(tmp_path, "a", max_steps=30, lr=1e-2)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+
+def test_same_seed_gives_the_same_adapter(tmp_path):
+    _, first = run(tmp_path, "a", max_steps=5, seed=3)
+    _, second = run(tmp_path, "b", max_steps=5, seed=3)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(tmp_path):
+    _, uninterrupted = run(tmp_path, "full", max_steps=8, grad_accum=2)
+
+    def interrupt(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "resumed", max_steps=8, grad_accum=2, on_step=interrupt)
+    assert (tmp_path / "resumed" / "checkpoint" / "trainer.pt").is_file()  # Ctrl-C saved a checkpoint
+    summary, resumed = run(tmp_path, "resumed", resume=True, max_steps=8, grad_accum=2)
+    assert summary["steps"] == 8
+    assert all(torch.allclose(uninterrupted[k], resumed[k], atol=1e-6) for k in uninterrupted)
+
+
+def test_validation_keeps_the_best_adapter_and_logs_it(tmp_path):
+    summary, _ = run(tmp_path, "a", max_steps=6, eval_every=2, val=VAL)
+    evals = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()
+             if "val_macro_f1" in line]
+    assert [e["step"] for e in evals] == [2, 4, 6]
+    assert summary["best_val_macro_f1"] == max(e["val_macro_f1"] for e in evals)
+    assert summary["best_step"] == next(e["step"] for e in evals if e["val_macro_f1"] == summary["best_val_macro_f1"])
+
+
+def test_batches_are_deterministic_shuffled_and_length_bucketed():
+    lengths = list(range(100))
+    first = epoch_batches(lengths, 10, seed=1, epoch=0)
+    assert first == epoch_batches(lengths, 10, seed=1, epoch=0)
+    assert first != epoch_batches(lengths, 10, seed=1, epoch=1)
+    assert sorted(i for b in first for i in b) == lengths
+    assert all(max(lengths[i] for i in b) - min(lengths[i] for i in b) < 20 for b in first)
