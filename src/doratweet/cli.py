@@ -50,6 +50,14 @@ def add_model_options(p: argparse.ArgumentParser, required_help: str = "") -> No
 def add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="'tweet_eval' (Hub), a TweetEval folder, a CSV/JSONL/Parquet file or "
                    "folder, or 'train=a.csv,test=b.csv' (default: $DORATWEET_DATA, else tweet_eval)")
+    p.add_argument("--text-column", default="text", help="text column of CSV/JSONL/Parquet data (default: %(default)s)")
+    p.add_argument("--label-column", default="label", help="label column of CSV/JSONL/Parquet data (default: %(default)s)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="drop bad rows and say how many, instead of "
+                   "stopping at the first (default: off)")
+
+
+def data_options(args) -> dict:
+    return {"text_column": args.text_column, "label_column": args.label_column, "skip_bad_rows": args.skip_bad_rows}
 
 
 def add_training_options(p: argparse.ArgumentParser, preset_defaults: bool) -> None:
@@ -110,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = verbs.add_parser("predict", help="label texts with a trained adapter")
     pr.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label (default: read --input or stdin)")
-    src = pr.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", default=None, help="run folder written by `doratweet run`")
-    src.add_argument("--adapter", default=None, help="adapter folder (PEFT format)")
+    src = pr.add_mutually_exclusive_group()
+    src.add_argument("--run", default=None, help="run folder written by `doratweet run` (default: none)")
+    src.add_argument("--adapter", default=None, help="adapter folder in PEFT format (default: none; one of "
+                     "--run/--adapter is needed)")
     pr.add_argument("--model", default=None, help="base model (default: the one the adapter names)")
     pr.add_argument("--input", default=None, help=".txt (one per line), .csv, .jsonl or .parquet (default: none)")
     pr.add_argument("--text-column", default="text", help="text column of --input tables (default: %(default)s)")
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args) -> int:
     from .pipeline import run_pipeline
 
-    run_pipeline(model_spec=args.model, data_spec=args.data, out_dir=args.out, preset_name=args.preset,
+    run_pipeline(model_spec=args.model, data_spec=args.data, data_options=data_options(args), out_dir=args.out, preset_name=args.preset,
                  training_overrides=training_overrides(args), train_limit=args.train_limit,
                  test_limit=args.test_limit, system_prompt=args.system_prompt, batch_size=args.eval_batch_size,
                  overwrite=args.overwrite, resume=args.resume, trust_remote_code=args.trust_remote_code,
@@ -160,14 +169,14 @@ def cmd_run(args) -> int:
 def cmd_train(args) -> int:
     from .commands import train_command
 
-    train_command(args, TrainConfig(**training_overrides(args)))
+    train_command(args, TrainConfig(**training_overrides(args)), data_options(args))
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from .commands import evaluate_command
 
-    metrics = evaluate_command(args)
+    metrics = evaluate_command(args, data_options(args))
     if args.out is None:
         print(json.dumps(metrics, indent=2))
     return 0

@@ -29,10 +29,10 @@ from .train import TrainConfig, train
 log = logging.getLogger("doratweet")
 
 
-def train_command(args, config: TrainConfig) -> dict:
+def train_command(args, config: TrainConfig, data_options: dict) -> dict:
     out_dir = Path(args.out)
     prepare_out_dir(out_dir, args.overwrite, args.resume)
-    splits = load_data(args.data)
+    splits = load_data(args.data, **data_options)
     if "train" not in splits:
         raise UserError(f"--data: has no train split (found: {', '.join(splits)})")
     model_spec = args.model or EMBEDDED_NAME
@@ -46,8 +46,8 @@ def train_command(args, config: TrainConfig) -> dict:
     return summary
 
 
-def evaluate_command(args) -> dict:
-    split = load_split(args.data, args.split).head(args.limit)
+def evaluate_command(args, data_options: dict) -> dict:
+    split = load_split(args.data, args.split, **data_options).head(args.limit)
     system_prompt = args.system_prompt
     if args.adapter:
         folder = adapter_folder(args.adapter)
@@ -76,6 +76,8 @@ def predict_command(args) -> None:
     texts = read_prediction_input(args.input, args.texts, args.text_column)
     if not texts:
         raise UserError("predict: no texts to label")
+    if not (args.run or args.adapter):
+        raise UserError("predict: pass --run RUN_DIR or --adapter ADAPTER_DIR (the trained adapter to use)")
     classifier = SentimentClassifier.load(args.run or args.adapter, model=args.model)
     classifier.batch_size = args.batch_size
     probabilities = classifier.predict_proba(texts)

@@ -114,6 +114,7 @@ def run_pipeline(
     *,
     model_spec: str | None,
     data_spec: str | None,
+    data_options: dict | None = None,
     out_dir: str | os.PathLike,
     preset_name: str | None = None,
     training_overrides: dict | None = None,
@@ -140,7 +141,7 @@ def run_pipeline(
     config.extra = {"system_prompt": system_prompt, "model_spec": model_spec, "labels": list(LABELS)}
     prepare_out_dir(out_dir, overwrite, resume)
 
-    splits = load_data(data_spec)
+    splits = load_data(data_spec, **(data_options or {}))
     for needed in ("train", "test"):
         if needed not in splits:
             raise UserError(f"--data {data_spec}: has no {needed} split (found: {', '.join(splits)})")

@@ -1,0 +1,136 @@
+"""`doratweet run` end to end on a tiny model, and the verbs that use its run folder."""
+
+import io
+import json
+
+import pytest
+import yaml
+
+from doratweet import SentimentClassifier
+from doratweet.cli import build_parser, main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    code = main(["--quiet", "run", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir), "--out", str(out),
+                 "--max-steps", "6", "--rank", "4", "--alpha", "8", "--batch-size", "4", "--lr", "1e-2"])
+    assert code == 0
+    return out
+
+
+def test_run_writes_the_whole_run_folder(run_dir):
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.json",
+                 "predictions/test_before.txt", "predictions/test_after.txt", "train_log.jsonl", "README.md",
+                 "plots/confusion_before.png", "plots/confusion_after.png", "plots/training_curves.png",
+                 "plots/per_class_f1.png"):
+        assert (run_dir / name).is_file(), name
+
+
+def test_metrics_hold_before_and_after_in_both_modes(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for stage in ("before", "after"):
+        for mode in ("score", "generate"):
+            m = metrics["results"][stage]["test"][mode]
+            assert m["mode"] == mode and m["n"] == 6
+            assert {"macro_f1", "macro_recall", "accuracy", "macro_f1_4class", "per_class", "confusion"} <= set(m)
+    assert len(metrics["examples"]) == 5
+    assert metrics["training"]["steps"] == 6
+
+
+def test_predictions_are_one_label_id_per_test_tweet(run_dir):
+    lines = (run_dir / "predictions" / "test_after.txt").read_text().splitlines()
+    assert len(lines) == 6 and set(lines) <= {"0", "1", "2"}
+
+
+def test_model_card_has_valid_front_matter_and_the_sections(run_dir):
+    card = (run_dir / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "peft"
+    for heading in ("## How to use", "## Training details", "## Results", "## Examples", "## Plots"):
+        assert heading in card
+
+
+def test_python_api_predicts_labels_and_probabilities(run_dir):
+    clf = SentimentClassifier.load(run_dir)
+    probabilities = clf.predict_proba(["great day", "awful day"])
+    assert [set(p) for p in probabilities] == [{"negative", "neutral", "positive"}] * 2
+    assert all(abs(sum(p.values()) - 1) < 1e-5 for p in probabilities)
+    assert clf.predict(["great day", "awful day"]) == [max(p, key=p.get) for p in probabilities]
+
+
+def test_unmerged_and_merged_classifiers_agree(run_dir):
+    merged = SentimentClassifier.load(run_dir).predict_proba(["so happy today"])[0]
+    unmerged = SentimentClassifier.load(run_dir, merge=False).predict_proba(["so happy today"])[0]
+    assert all(abs(merged[k] - unmerged[k]) < 1e-4 for k in merged)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv", ".jsonl"])
+def test_predict_reads_each_input_format(run_dir, tmp_path, suffix, capsys):
+    texts = ["great day", "awful day", "meeting at 5"]
+    path = tmp_path / f"in{suffix}"
+    if suffix == ".txt":
+        path.write_text("\n".join(texts) + "\n")
+    elif suffix == ".csv":
+        path.write_text("id,text\n" + "".join(f"{i},{t}\n" for i, t in enumerate(texts)))
+    else:
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "out.jsonl"
+    assert main(["--quiet", "predict", "--run", str(run_dir), "--input", str(path), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["text"] for r in rows] == texts
+    assert all(r["label"] in ("negative", "neutral", "positive") for r in rows)
+
+
+def test_predict_reads_arguments_and_stdin(run_dir, monkeypatch, capsys):
+    assert main(["--quiet", "predict", "--run", str(run_dir), "great day", "--format", "jsonl"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == "great day"
+    monkeypatch.setattr("sys.stdin", io.StringIO("first tweet\nsecond tweet\n"))
+    assert main(["--quiet", "predict", "--run", str(run_dir), "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("text,label,p_negative")
+
+
+def test_evaluate_writes_metrics_and_tweeteval_predictions(run_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    assert main(["--quiet", "evaluate", "--adapter", str(run_dir), "--data", str(tiny_data_dir), "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["n"] == 6 and metrics["mode"] == "score"
+    assert len((tmp_path / "eval.predictions.txt").read_text().splitlines()) == 6
+
+
+def test_merge_writes_a_plain_model_that_predicts_the_same(run_dir, tmp_path):
+    merged = tmp_path / "merged"
+    assert main(["--quiet", "merge", "--adapter", str(run_dir), "--out", str(merged)]) == 0
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(merged) is not None
+    assert main(["--quiet", "merge", "--adapter", str(run_dir), "--out", str(merged)]) == 2  # never overwrites
+
+
+def test_report_rebuilds_the_card(run_dir):
+    before = (run_dir / "README.md").read_text()
+    (run_dir / "README.md").unlink()
+    assert main(["--quiet", "report", str(run_dir)]) == 0
+    assert (run_dir / "README.md").read_text() == before
+
+
+def test_run_refuses_a_non_empty_out_folder(run_dir, tiny_model_dir, tiny_data_dir, capsys):
+    code = main(["--quiet", "run", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir), "--out", str(run_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_model_is_one_clear_line(tiny_data_dir, tmp_path, capsys):
+    code = main(["--quiet", "run", "--model", "no-such-org/no-such-model", "--data", str(tiny_data_dir),
+                 "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no-such-org/no-such-model" in err
+
+
+@pytest.mark.parametrize("verb", ["run", "train", "evaluate", "predict", "report", "merge"])
+def test_every_option_in_help_states_its_default(verb):
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[verb]
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help" and not action.required:
+            assert "default" in (action.help or ""), f"{verb} {action.option_strings}"
