@@ -66,3 +66,25 @@ def test_batches_are_deterministic_shuffled_and_length_bucketed():
     assert first != epoch_batches(lengths, 10, seed=1, epoch=1)
     assert sorted(i for b in first for i in b) == lengths
     assert all(max(lengths[i] for i in b) - min(lengths[i] for i in b) < 20 for b in first)
+
+
+def test_shared_prefix_loss_and_gradients_equal_the_full_sequence_ones():
+    from doratweet.adapters import add_adapters, adapter_parameters
+    from doratweet.evaluate import common_prefix
+    from doratweet.train import answer_loss, encode_split, right_pad
+
+    model, tokenizer = build_tiny_model()
+    add_adapters(model, rank=4, alpha=8)
+    fmt = make_prompt_format(tokenizer)
+    examples = encode_split(fmt, TRAIN)
+    prefix = common_prefix(fmt, [ids for ids, _ in examples])
+    assert len(prefix) > 5
+
+    full = answer_loss(model, *right_pad(examples, 0, "cpu"))
+    full_grads = torch.autograd.grad(full, adapter_parameters(model)[1::3])  # the B matrices
+    rests = [(ids[len(prefix):], t[len(prefix):]) for ids, t in examples]
+    shared = answer_loss(model, *right_pad(rests, 0, "cpu"), prefix)
+    shared_grads = torch.autograd.grad(shared, adapter_parameters(model)[1::3])
+    assert shared.item() == pytest.approx(full.item(), rel=1e-5)
+    for a, b in zip(shared_grads, full_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -56,6 +56,16 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
                    "stopping at the first (default: off)")
 
 
+def add_precision_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="evaluation/prediction weights: auto = bf16 on CUDA and on CPUs with AMX/AVX512-BF16, "
+                   "else fp32 (default: %(default)s)")
+
+
+def bf16_choice(args) -> bool | None:
+    return {"auto": None, "fp32": False, "bf16": True}[args.precision]
+
+
 def data_options(args) -> dict:
     return {"text_column": args.text_column, "label_column": args.label_column, "skip_bad_rows": args.skip_bad_rows}
 
@@ -93,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder (default: off)")
     run.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (default: off)")
     run.add_argument("--eval-batch-size", type=int, default=32, help="tweets per evaluation batch (default: %(default)s)")
+    add_precision_option(run)
     add_training_options(run, preset_defaults=True)
 
     tr = verbs.add_parser("train", help="fine-tune an adapter and save it in PEFT format")
@@ -113,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="score: likelihood of each label; generate: parse a free answer (default: %(default)s)")
     ev.add_argument("--limit", type=int, default=None, help="first N tweets only (default: all)")
     ev.add_argument("--batch-size", type=int, default=32, help="tweets per batch (default: %(default)s)")
+    add_precision_option(ev)
     ev.add_argument("--system-prompt", default=None, help="system prompt (default: the adapter's, else the built-in)")
     ev.add_argument("--out", default=None, help="write metrics JSON here, predictions beside it (default: print)")
 
@@ -129,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", choices=["table", "jsonl", "csv"], default=None,
                     help="output format (default: from --output's extension, else table)")
     pr.add_argument("--batch-size", type=int, default=32, help="texts per batch (default: %(default)s)")
+    add_precision_option(pr)
 
     rep = verbs.add_parser("report", help="rebuild the model card and plots of a run folder")
     rep.add_argument("run_dir", help="run folder written by `doratweet run`")
@@ -161,7 +174,7 @@ def cmd_run(args) -> int:
     run_pipeline(model_spec=args.model, data_spec=args.data, data_options=data_options(args), out_dir=args.out, preset_name=args.preset,
                  training_overrides=training_overrides(args), train_limit=args.train_limit,
                  test_limit=args.test_limit, system_prompt=args.system_prompt, batch_size=args.eval_batch_size,
-                 overwrite=args.overwrite, resume=args.resume, trust_remote_code=args.trust_remote_code,
+                 overwrite=args.overwrite, resume=args.resume, eval_bf16=bf16_choice(args), trust_remote_code=args.trust_remote_code,
                  progress=not args.quiet)
     return 0
 
@@ -176,7 +189,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .commands import evaluate_command
 
-    metrics = evaluate_command(args, data_options(args))
+    metrics = evaluate_command(args, data_options(args), bf16_choice(args))
     if args.out is None:
         print(json.dumps(metrics, indent=2))
     return 0
@@ -185,7 +198,7 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from .commands import predict_command
 
-    predict_command(args)
+    predict_command(args, bf16_choice(args))
     return 0
 
 

@@ -12,13 +12,13 @@ from .adapters import load_adapter, merge_adapters, read_adapter_config
 from .data import load_data, load_split
 from .errors import UserError
 from .evaluate import UNPARSED
+from .hardware import default_device, inference_copy
 from .models import EMBEDDED_NAME, load_base_model
 from .pipeline import environment, prepare_out_dir, timed_predictions, write_json, write_label_ids
 from .predict import (
     SentimentClassifier,
     adapter_folder,
     base_model_spec,
-    default_device,
     format_predictions,
     read_prediction_input,
     write_atomically,
@@ -46,7 +46,7 @@ def train_command(args, config: TrainConfig, data_options: dict) -> dict:
     return summary
 
 
-def evaluate_command(args, data_options: dict) -> dict:
+def evaluate_command(args, data_options: dict, bf16: bool | None) -> dict:
     split = load_split(args.data, args.split, **data_options).head(args.limit)
     system_prompt = args.system_prompt
     if args.adapter:
@@ -55,12 +55,12 @@ def evaluate_command(args, data_options: dict) -> dict:
         base = load_base_model(args.model or base_model_spec(config), device=default_device(),
                                trust_remote_code=args.trust_remote_code)
         load_adapter(base.model, folder)
-        merge_adapters(base.model)
         system_prompt = system_prompt or config.extra.get("system_prompt")
     else:
         base = load_base_model(args.model, device=default_device(), trust_remote_code=args.trust_remote_code)
     fmt = make_prompt_format(base.tokenizer, system_prompt or DEFAULT_SYSTEM_PROMPT)
-    predictions, metrics = timed_predictions(base.model, fmt, split, args.mode, args.batch_size)
+    model = inference_copy(base.model, default_device(), bf16)
+    predictions, metrics = timed_predictions(model, fmt, split, args.mode, args.batch_size)
     metrics.update(base_model_id=base.base_model_id, adapter=args.adapter, environment=environment(default_device()))
     if args.out:
         out = Path(args.out)
@@ -72,13 +72,13 @@ def evaluate_command(args, data_options: dict) -> dict:
     return metrics
 
 
-def predict_command(args) -> None:
+def predict_command(args, bf16: bool | None) -> None:
     texts = read_prediction_input(args.input, args.texts, args.text_column)
     if not texts:
         raise UserError("predict: no texts to label")
     if not (args.run or args.adapter):
         raise UserError("predict: pass --run RUN_DIR or --adapter ADAPTER_DIR (the trained adapter to use)")
-    classifier = SentimentClassifier.load(args.run or args.adapter, model=args.model)
+    classifier = SentimentClassifier.load(args.run or args.adapter, model=args.model, bf16=bf16)
     classifier.batch_size = args.batch_size
     probabilities = classifier.predict_proba(texts)
     fmt = args.format or _format_from_extension(args.output)

@@ -51,6 +51,25 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
     return ids.to(device), mask.to(device), positions.to(device)
 
 
+def common_prefix(fmt: PromptFormat, sequences: list[list[int]]) -> list[int]:
+    """The shared prompt prefix when every sequence starts with it (and goes on after it), else []."""
+    prefix = fmt.shared_prefix_ids()
+    n = len(prefix)
+    if all(len(s) > n and s[:n] == prefix for s in sequences):
+        return prefix
+    return []
+
+
+def prefix_cache(decoder, prefix: list[int], batch: int, device):
+    """Keys/values of the shared prefix, computed once and repeated for the batch (differentiably, so in
+    training the gradients of all tweets flow back into the one prefix computation)."""
+    if not prefix:
+        return None
+    cache = decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+    cache.batch_repeat_interleave(batch)
+    return cache
+
+
 @torch.no_grad()
 def score_labels(
     model, fmt: PromptFormat, prompts: list[list[int]], batch_size: int = 32, progress: bool = False
@@ -71,11 +90,18 @@ def score_labels(
     cont_mask = torch.tensor([[1] * (len(a) - 1) + [0] * (width - len(a) + 1) for a in answers], device=device)
     first_tokens = torch.tensor([a[0] for a in answers], device=device)
 
+    prefix = common_prefix(fmt, prompts)
+    rests = [p[len(prefix) :] for p in prompts]
     scores = np.zeros((len(prompts), n_labels), dtype=np.float64)
-    batches = batches_by_length(prompts, batch_size)
+    batches = batches_by_length(rests, batch_size)
     for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
-        ids, mask, positions = left_pad([prompts[i] for i in batch], fmt.tokenizer.pad_token_id, device)
-        out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=width > 0)
+        # [shared prefix][left padding][rest of the prompt]: pads sit between the two and are masked out.
+        ids, rest_mask, rest_positions = left_pad([rests[i] for i in batch], fmt.tokenizer.pad_token_id, device)
+        cache = prefix_cache(decoder, prefix, len(batch), device)
+        mask = torch.cat([torch.ones(len(batch), len(prefix), dtype=torch.long, device=device), rest_mask], dim=1)
+        positions = rest_positions + len(prefix)
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                      use_cache=width > 0 or cache is not None)
         logp_first = torch.log_softmax(head(out.last_hidden_state[:, -1]).float(), dim=-1)
         batch_scores = logp_first[:, first_tokens]  # [B, labels]
         if width > 0:

@@ -22,7 +22,7 @@ from .data import Split, load_data, resolve_data_spec
 from .errors import UserError
 from .evaluate import Predictions, classification_metrics, predict
 from .models import EMBEDDED_NAME, load_base_model
-from .predict import default_device
+from .hardware import default_device, inference_copy
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
 from .train import TrainConfig, train
 
@@ -65,21 +65,25 @@ def timed_predictions(model, fmt, split: Split, mode: str, batch_size: int) -> t
     predictions = predict(model, fmt, split.texts, mode, batch_size, progress=True)
     seconds = time.perf_counter() - started
     metrics = classification_metrics(split.labels, predictions.labels)
-    metrics.update(mode=mode, split=split.name, seconds=round(seconds, 2),
+    metrics.update(mode=mode, precision=str(next(model.parameters()).dtype).replace("torch.", ""), split=split.name, seconds=round(seconds, 2),
                    tweets_per_s=round(len(split) / max(seconds, 1e-9), 1))
     return predictions, metrics
 
 
-def evaluate_both_modes(model, fmt, test: Split, generate_test: Split, batch_size: int) -> tuple[Predictions, dict]:
-    model.eval()
-    scored, score_metrics = timed_predictions(model, fmt, test, "score", batch_size)
+def evaluate_both_modes(model, fmt, test: Split, generate_test: Split, batch_size: int, bf16: bool | None,
+                        examples: Split) -> tuple[Predictions, dict, list[int]]:
+    """Both modes on the test tweets, and the score-mode labels of the card's example tweets."""
+    evaluated = inference_copy(model, next(model.parameters()).device, bf16)
+    scored, score_metrics = timed_predictions(evaluated, fmt, test, "score", batch_size)
     results = {"score": score_metrics}
     if len(generate_test):
-        _, results["generate"] = timed_predictions(model, fmt, generate_test, "generate", batch_size)
+        _, results["generate"] = timed_predictions(evaluated, fmt, generate_test, "generate", batch_size)
+    example_labels = predict(evaluated, fmt, examples.texts, "score").labels
+    del evaluated
     for mode, m in results.items():
         log.info("  %-8s n=%d macro-F1 %.3f macro-recall %.3f accuracy %.3f unparsed %d (%.1f tweets/s)",
                  mode, m["n"], m["macro_f1"], m["macro_recall"], m["accuracy"], m["unparsed"], m["tweets_per_s"])
-    return scored, results
+    return scored, results, example_labels
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:
@@ -124,6 +128,7 @@ def run_pipeline(
     batch_size: int = 32,
     overwrite: bool = False,
     resume: bool = False,
+    eval_bf16: bool | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -160,16 +165,16 @@ def run_pipeline(
     examples_split = splits["train"].head(5)
 
     log.info("before fine-tuning (test split):")
-    before_scored, before = evaluate_both_modes(base.model, fmt, test, generate_test, batch_size)
-    examples_before = predict(base.model, fmt, examples_split.texts, "score").labels
+    before_scored, before, examples_before = evaluate_both_modes(
+        base.model, fmt, test, generate_test, batch_size, eval_bf16, examples_split)
 
     log.info("fine-tuning: %s", config)
     summary = train(base.model, fmt, train_split, validation, config, out_dir, resume=resume, progress=progress,
                     base_model_id=base.base_model_id)
 
     log.info("after fine-tuning (test split):")
-    after_scored, after = evaluate_both_modes(base.model, fmt, test, generate_test, batch_size)
-    examples_after = predict(base.model, fmt, examples_split.texts, "score").labels
+    after_scored, after, examples_after = evaluate_both_modes(
+        base.model, fmt, test, generate_test, batch_size, eval_bf16, examples_split)
 
     write_label_ids(out_dir / "predictions" / "test_before.txt", before_scored.labels)
     write_label_ids(out_dir / "predictions" / "test_after.txt", after_scored.labels)
@@ -186,7 +191,7 @@ def run_pipeline(
             {"text": t, "label": LABELS[y], "before": LABELS[b], "after": LABELS[a]}
             for t, y, b, a in zip(examples_split.texts, examples_split.labels, examples_before, examples_after)
         ],
-        "environment": environment(device),
+        "environment": {**environment(device), "evaluation_precision": before["score"]["precision"]},
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     write_json(out_dir / "metrics.json", metrics)

@@ -14,6 +14,7 @@ import torch
 from . import LABELS
 from .adapters import load_adapter, merge_adapters, read_adapter_config
 from .errors import UserError
+from .hardware import bf16_is_fast, default_device
 from .evaluate import predict as predict_with_model
 from .models import EMBEDDED_NAME, EMBEDDED_UPSTREAM_ID, load_base_model
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
@@ -27,10 +28,6 @@ def adapter_folder(path: str | os.PathLike) -> Path:
     if (path / "adapter_config.json").is_file():
         return path
     raise UserError(f"{path}: neither an adapter folder (adapter_config.json) nor a run folder (adapter/)")
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class SentimentClassifier:
@@ -50,11 +47,13 @@ class SentimentClassifier:
         model: str | None = None,
         device: str | torch.device | None = None,
         merge: bool = True,
+        bf16: bool | None = None,
         trust_remote_code: bool = False,
     ) -> "SentimentClassifier":
         """`path` is a run folder or an adapter folder; `model` overrides the base model it names.
 
         The adapter is merged into the weights by default: prediction then costs what the base model costs.
+        Merged weights are bf16 where bf16 is fast (`bf16=None`), or as chosen.
         """
         folder = adapter_folder(path)
         config = read_adapter_config(folder)
@@ -64,6 +63,8 @@ class SentimentClassifier:
         load_adapter(base.model, folder)
         if merge:
             merge_adapters(base.model)
+            if bf16 if bf16 is not None else bf16_is_fast(device):
+                base.model.to(torch.bfloat16)
         base.model.eval()
         system_prompt = config.extra.get("system_prompt", DEFAULT_SYSTEM_PROMPT)
         return cls(base.model, make_prompt_format(base.tokenizer, system_prompt), config.base_model_id or spec)

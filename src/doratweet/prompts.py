@@ -37,6 +37,14 @@ class PromptFormat:
         encoded = self.tokenizer([self.prompt_text(t) for t in texts], add_special_tokens=False)
         return encoded["input_ids"]
 
+    def shared_prefix_ids(self) -> list[int]:
+        """Tokens every prompt starts with (the system prompt and the user header).
+
+        Its keys/values are the same for every tweet, so training and scoring compute them once per batch
+        instead of once per tweet; they are about 40% of a SmolLM2 prompt.
+        """
+        return self.tokenizer(self.prefix, add_special_tokens=False)["input_ids"]
+
     def stop_ids(self) -> list[int]:
         """Token ids that end an answer: the template's end-of-turn token and the model's EOS."""
         ids = {self.end_of_turn_id}
