@@ -252,3 +252,43 @@ def test_load_adapter_rejects_a_mismatched_base_model(tmp_path):
     other.model.layers = other.model.layers[:1]
     with pytest.raises(UserError, match="wrong base model"):
         load_adapter(other, tmp_path / "a")
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_fifty_training_steps_follow_peft_loss_curve(arch):
+    """Same init, same data, same optimizer: our DoRA and PEFT's trace the same loss curve."""
+    model, _ = build_tiny_model(arch)
+    add_adapters(model, method="dora", rank=4, alpha=8)
+    twin = peft_twin(model, method="dora")
+    ours_params = adapter_parameters(model)
+    peft_params = [p for p in twin.parameters() if p.requires_grad]
+    ours_opt = torch.optim.AdamW(ours_params, lr=1e-2)
+    peft_opt = torch.optim.AdamW(peft_params, lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    ours_curve, peft_curve = [], []
+    for _ in range(50):
+        batch = torch.randint(0, 64, (4, 10), generator=gen)
+        for net, opt, curve in ((model, ours_opt, ours_curve), (twin, peft_opt, peft_curve)):
+            loss = net(input_ids=batch, labels=batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            curve.append(loss.item())
+    assert ours_curve[-1] < ours_curve[0]
+    assert max(abs(a - b) / b for a, b in zip(ours_curve, peft_curve)) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_bf16_autocast_error_is_no_worse_than_peft(arch, ids):
+    """bf16 cannot match to 1e-5; measured on CPU: ours vs PEFT max relative logit difference 3.1e-2 (LLaMA),
+    2.6e-2 (Mistral), while each is 1.8e-2 to 2.7e-2 from the fp32 result. We require ours to stay within 5e-2
+    of PEFT and no further from fp32 than PEFT's own bf16 result (with 25% slack)."""
+    model, _ = build_tiny_model(arch)
+    add_adapters(model, method="dora", rank=4, alpha=8)
+    randomise_adapters(model)
+    twin = peft_twin(model, method="dora")
+    reference = model(ids).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = model(ids).logits.float(), twin(input_ids=ids).logits.float()
+    assert max_rel_diff(ours, theirs) <= 5e-2
+    assert max_rel_diff(ours, reference) <= 1.25 * max_rel_diff(theirs, reference)
