@@ -64,21 +64,61 @@ class DoRALinear(nn.Module):
         return sq_norm.clamp_min(0).sqrt().clamp_min(_NORM_FLOOR)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = (self.magnitude / self.weight_norm()).to(x.dtype)  # m / ||W + sBA||, divided in fp32
-        base_out = self.base(x)  # W x + b
+        g = self.magnitude / self.weight_norm()  # m / ||W + sBA||, in fp32; gradients reach m through g
         bias = self.base.bias
         if self.training and isinstance(self.dropout, nn.Dropout):
+            g = g.to(x.dtype)
+            base_out = self.base(x)  # W x + b
             # PEFT's formula with dropout: the base path sees x, the adapted path sees dropout(x):
             # y = W x + b + (g - 1) W dropout(x) + g s B A dropout(x)
             x_drop = self.dropout(x)
             return base_out + (g - 1) * F.linear(x_drop, self.base.weight) + g * self.scaling * self.lora(x_drop)
-        # Without dropout that is g (W x + s B A x) + b, reusing the base output instead of a second matmul.
-        without_bias = base_out if bias is None else base_out - bias
-        out = g * (without_bias + self.scaling * self.lora(x))
-        return out if bias is None else out + bias
+        # Without dropout that is g (W x + s B A x) + b: one fused autograd step (below) instead of five.
+        return DoRAFunction.apply(x, self.base.weight, bias, self.lora_A, self.lora_B, g, self.scaling)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         direction = self.base.weight.float() + self.scaling * (self.lora_B @ self.lora_A)
         g = self.magnitude / self.weight_norm()
         return (g[:, None] * direction).to(self.base.weight.dtype)
+
+
+class DoRAFunction(torch.autograd.Function):
+    """out = g * (x W^T + s (x A^T) B^T) + b, with the gradients written out.
+
+    Plain autograd would keep the base output, the LoRA output and their sum as separate tensors and run
+    five elementwise passes; here the LoRA term is accumulated into the base output in place (addmm), the
+    composition is one multiply, and backward needs only y = x W^T + s x A^T B^T (for d g, a reduction)
+    and the small u = x A^T. Matmuls run in the activation dtype (bf16 under autocast); g and its gradient
+    stay fp32. The norm inside g is detached by the caller, so d g flows to m only (paper, section 4.3).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, g, scaling):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            A, B = lora_A.to(dtype), lora_B.to(dtype)
+            u = x2 @ A.T
+            y = torch.addmm(x2 @ weight.to(dtype).T, u, B.T, alpha=scaling)
+            out = y * g.to(dtype)
+            if bias is not None:
+                out = out + bias.to(dtype)
+        ctx.save_for_backward(x2, weight, A, B, u, y, g)
+        ctx.scaling, ctx.x_shape, ctx.x_dtype = scaling, x.shape, x.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, weight, A, B, u, y, g = ctx.saved_tensors
+        s = ctx.scaling
+        d_out = grad_out.reshape(-1, grad_out.shape[-1]).to(y.dtype)
+        d_g = (d_out.float() * y.float()).sum(0)  # fp32 reduction over tokens
+        d_y = d_out * g.to(y.dtype)
+        d_u = d_y @ B  # [tokens, r]
+        d_B = s * (d_y.T @ u).float()
+        d_A = s * (d_u.T @ x2).float()
+        d_x = None
+        if ctx.needs_input_grad[0]:
+            d_x = torch.addmm(d_y @ weight.to(y.dtype), d_u, A, alpha=s).view(ctx.x_shape).to(ctx.x_dtype)
+        return d_x, None, None, d_A, d_B, d_g, None  # A, B and m are fp32 parameters
