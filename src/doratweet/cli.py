@@ -140,11 +140,46 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", default=None, help="write .jsonl or .csv here instead of printing (default: print)")
     pr.add_argument("--format", choices=["table", "jsonl", "csv"], default=None,
                     help="output format (default: from --output's extension, else table)")
+    pr.add_argument("--id-column", default="id", help="column of --input passed through to --output when "
+                    "present; '' for none (default: %(default)s)")
+    pr.add_argument("--overwrite", action="store_true", help="start --output again instead of resuming a partial "
+                    "one or keeping a complete one (default: off)")
     pr.add_argument("--batch-size", type=int, default=32, help="texts per batch (default: %(default)s)")
     add_precision_option(pr)
 
     rep = verbs.add_parser("report", help="rebuild the model card and plots of a run folder")
     rep.add_argument("run_dir", help="run folder written by `doratweet run`")
+
+    sv = verbs.add_parser("serve", help="serve an adapter over HTTP (API, classify page, report page)")
+    src = sv.add_mutually_exclusive_group()
+    src.add_argument("--run", default=None, help="run folder written by `doratweet run`; its metrics and plots "
+                     "appear on /report (default: none)")
+    src.add_argument("--adapter", default=None, help="adapter folder in PEFT format (default: none; one of "
+                     "--run/--adapter is needed)")
+    sv.add_argument("--model", default=None, help="base model (default: the one the adapter names)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network "
+                    "(default: %(default)s)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    sv.add_argument("--max-batch", type=int, default=32, help="most texts in one forward pass; 1 turns dynamic "
+                    "batching off (default: %(default)s)")
+    sv.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a forward pass waits to gather more "
+                    "requests (default: %(default)s)")
+    sv.add_argument("--max-texts", type=int, default=256, help="most texts per request, else HTTP 413 "
+                    "(default: %(default)s)")
+    sv.add_argument("--max-chars", type=int, default=1000, help="most characters per text, else HTTP 413 "
+                    "(default: %(default)s)")
+    sv.add_argument("--queue-size", type=int, default=1024, help="most requests waiting for the model, else "
+                    "HTTP 503 with Retry-After (default: %(default)s)")
+    sv.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer KEY or X-API-Key) "
+                    "on /v1/* and the plots (default: $DORATWEET_API_KEY, else no key)")
+    add_precision_option(sv)
+
+    pu = verbs.add_parser("push", help="upload a run's adapter, model card and plots to the Hugging Face Hub")
+    pu.add_argument("run_dir", help="run folder written by `doratweet run`")
+    pu.add_argument("--repo", required=True, help="Hub model repo to create or update, as user/name (required)")
+    pu.add_argument("--private", action="store_true", help="create the repo private (default: public)")
+    pu.add_argument("--dry-run", action="store_true", help="list what would be uploaded where, touch no network "
+                    "(default: off)")
 
     mg = verbs.add_parser("merge", help="fold an adapter into its base model and save a plain transformers model")
     mg.add_argument("--adapter", required=True, help="adapter or run folder")
@@ -216,8 +251,37 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from .serve import run_server
+
+    if not (args.run or args.adapter):
+        raise UserError("serve: pass --run RUN_DIR or --adapter ADAPTER_DIR (the trained adapter to serve)")
+    for flag, value in (("--max-batch", args.max_batch), ("--max-texts", args.max_texts),
+                        ("--max-chars", args.max_chars), ("--queue-size", args.queue_size)):
+        if value < 1:
+            raise UserError(f"serve: {flag} must be 1 or more, got {value}")
+    if args.max_wait_ms < 0:
+        raise UserError(f"serve: --max-wait-ms must be 0 or more, got {args.max_wait_ms}")
+    run_server(args.run or args.adapter, model=args.model, host=args.host, port=args.port, bf16=bf16_choice(args),
+               api_key=args.api_key or os.environ.get("DORATWEET_API_KEY") or None, max_batch=args.max_batch,
+               max_wait_ms=args.max_wait_ms, max_texts=args.max_texts, max_chars=args.max_chars,
+               queue_size=args.queue_size)
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .publish import push_run
+
+    url = push_run(args.run_dir, args.repo, private=args.private, dry_run=args.dry_run)
+    if url:
+        print(url)
+    return 0
+
+
 VERBS = {"run": cmd_run, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-         "report": cmd_report, "merge": cmd_merge}
+         "report": cmd_report, "merge": cmd_merge, "serve": cmd_serve, "push": cmd_push}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -73,13 +73,28 @@ def evaluate_command(args, data_options: dict, bf16: bool | None) -> dict:
 
 
 def predict_command(args, bf16: bool | None) -> None:
+    if not (args.run or args.adapter):
+        raise UserError("predict: pass --run RUN_DIR or --adapter ADAPTER_DIR (the trained adapter to use)")
+
+    def load_classifier() -> SentimentClassifier:
+        classifier = SentimentClassifier.load(args.run or args.adapter, model=args.model, bf16=bf16)
+        classifier.batch_size = args.batch_size
+        return classifier
+
+    if args.input and args.input != "-" and args.output and not args.texts and args.format != "table":
+        # File to file: streamed in batches and appended, so any size fits in memory and a rerun resumes.
+        from .batch_predict import predict_file
+
+        result = predict_file(args.input, args.output, load_classifier, text_column=args.text_column,
+                              id_column=args.id_column or None, fmt=args.format, batch_size=args.batch_size,
+                              overwrite=args.overwrite, progress=not args.quiet)
+        if result.already_complete:
+            print(f"{args.output}: already complete ({result.skipped} rows); pass --overwrite to redo it")
+        return
     texts = read_prediction_input(args.input, args.texts, args.text_column)
     if not texts:
         raise UserError("predict: no texts to label")
-    if not (args.run or args.adapter):
-        raise UserError("predict: pass --run RUN_DIR or --adapter ADAPTER_DIR (the trained adapter to use)")
-    classifier = SentimentClassifier.load(args.run or args.adapter, model=args.model, bf16=bf16)
-    classifier.batch_size = args.batch_size
+    classifier = load_classifier()
     probabilities = classifier.predict_proba(texts)
     fmt = args.format or _format_from_extension(args.output)
     text = format_predictions(texts, probabilities, fmt)

@@ -1,0 +1,76 @@
+"""`doratweet push`: put a run's adapter, model card and plots in a Hugging Face Hub model repo.
+
+The repo mirrors the run folder's layout (`README.md`, `adapter/`, `plots/`, `metrics.json`), which is what
+the model card's links and its "How to use" section (`subfolder="adapter"`) expect. Everything goes up in one
+commit, so the repo never shows a card without its adapter. The token is huggingface_hub's usual one
+(`HF_TOKEN`, or `hf auth login`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from .errors import UserError
+from .report import ADAPTER_CONFIG_FILE, ADAPTER_DIR, METRICS_FILE, PLOTS_DIR, README_FILE
+
+log = logging.getLogger("doratweet")
+
+# The Hub's rule for names: letters, digits, '-', '_', '.'; no leading/trailing '-' or '.', no '--' or '..'.
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+def upload_plan(run_dir: str | Path) -> list[tuple[Path, str]]:
+    """(local file, path in the repo) for every file `push` uploads, in a stable order."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run folder; pass the folder `doratweet run --out` wrote")
+    adapter = run_dir / ADAPTER_DIR
+    if not (adapter / ADAPTER_CONFIG_FILE).is_file():
+        raise UserError(f"{run_dir}: no {ADAPTER_DIR}/{ADAPTER_CONFIG_FILE}; push a run folder whose training finished")
+    if not (run_dir / README_FILE).is_file():
+        raise UserError(f"{run_dir}: no {README_FILE} (model card); write it with `doratweet report {run_dir}`")
+    plan = [(run_dir / README_FILE, README_FILE)]
+    plan += [(path, f"{ADAPTER_DIR}/{path.name}") for path in sorted(adapter.iterdir()) if path.is_file()]
+    if (run_dir / METRICS_FILE).is_file():
+        plan.append((run_dir / METRICS_FILE, METRICS_FILE))
+    plots = run_dir / PLOTS_DIR
+    if plots.is_dir():
+        plan += [(path, f"{PLOTS_DIR}/{path.name}") for path in sorted(plots.glob("*.png")) if path.is_file()]
+    return plan
+
+
+def push_run(run_dir: str | Path, repo_id: str, *, private: bool = False, dry_run: bool = False,
+             api=None) -> str | None:
+    """Upload the run to `repo_id` (created if needed) and return the repo's URL; with `dry_run`, print the
+    plan and return None without importing or contacting anything."""
+    if not REPO_ID.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id or repo_id.endswith((".", "-")):
+        raise UserError(f"--repo {repo_id!r}: expected user/name (letters, digits, '-', '_', '.'), e.g. me/doratweet-sentiment")
+    plan = upload_plan(run_dir)
+    if dry_run:
+        print(f"would create {'private' if private else 'public'} model repo {repo_id} (if missing) and upload:")
+        for local, remote in plan:
+            print(f"  {local} -> {repo_id}/{remote}")
+        return None
+
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    api = api or HfApi()
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.create_commit(repo_id, [CommitOperationAdd(path_in_repo=remote, path_or_fileobj=str(local))
+                                    for local, remote in plan],
+                          commit_message=f"Upload doratweet run {Path(run_dir).name}", repo_type="model")
+    except LocalTokenNotFoundError:
+        raise UserError("push: no Hugging Face token; run `hf auth login` or set HF_TOKEN, then push again") from None
+    except HfHubHTTPError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise UserError(f"push --repo {repo_id}: the Hub refused ({reason}); check the token's write access "
+                        "and the repo name") from None
+    except OSError as error:  # no network, DNS, offline mode
+        raise UserError(f"push --repo {repo_id}: cannot reach the Hub ({error}); check the connection and "
+                        "that HF_HUB_OFFLINE is not set") from None
+    log.info("uploaded %d files to %s", len(plan), url)
+    return str(url)

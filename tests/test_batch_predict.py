@@ -1,0 +1,188 @@
+"""Streaming file-to-file prediction: every input format, ids and order kept, resume after an interruption."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import pandas as pd
+import pytest
+
+from doratweet.batch_predict import predict_file, scan_output
+from doratweet.cli import main
+from doratweet.errors import UserError
+
+TEXTS = [f"tweet number {i}, {'great' if i % 3 == 0 else 'awful' if i % 3 == 1 else 'meh'}" for i in range(23)]
+
+
+class FakeClassifier:
+    """Deterministic probabilities from each text's CRC: fast, and a wrong row order changes the output."""
+
+    def __init__(self):
+        self.batches: list[list[str]] = []
+
+    def predict_proba(self, texts):
+        self.batches.append(list(texts))
+        rows = []
+        for text in texts:
+            a, b = zlib.crc32(text.encode()) % 97 + 1, len(text) % 13 + 1
+            total = a + b + 10
+            rows.append({"negative": a / total, "neutral": b / total, "positive": 10 / total})
+        return rows
+
+
+def write_input(path, texts, ids=None):
+    ids = ids if ids is not None else [None] * len(texts)
+    suffix = path.suffix
+    if suffix == ".txt":
+        path.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"text": t} | ({"id": i} if i is not None else {})) + "\n"
+                                for t, i in zip(texts, ids)), encoding="utf-8")
+    else:
+        frame = pd.DataFrame({"text": texts} | ({"id": ids} if ids[0] is not None else {}))
+        if suffix == ".csv":
+            frame.to_csv(path, index=False)
+        else:
+            frame.to_parquet(path, index=False)
+    return path
+
+
+def run(input_path, output_path, **options):
+    classifier = FakeClassifier()
+    result = predict_file(input_path, output_path, lambda: classifier, progress=False, **options)
+    return result, classifier
+
+
+def read_rows(path):
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv", ".jsonl", ".parquet"])
+def test_each_input_format_is_labelled_in_order_in_batches(tmp_path, suffix):
+    source = write_input(tmp_path / f"in{suffix}", TEXTS)
+    result, classifier = run(source, tmp_path / "out.jsonl", batch_size=5)
+    rows = read_rows(tmp_path / "out.jsonl")
+    assert [r["text"] for r in rows] == TEXTS
+    assert [len(b) for b in classifier.batches] == [5, 5, 5, 5, 3]
+    assert result.written == 23 and result.skipped == 0
+    expected = FakeClassifier().predict_proba(TEXTS)
+    assert [r["label"] for r in rows] == [max(p, key=p.get) for p in expected]
+    assert rows[0]["p_negative"] == round(expected[0]["negative"], 4)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_the_id_column_is_kept_first(tmp_path, suffix):
+    ids = [f"t{1000 - i}" for i in range(len(TEXTS))]  # not sorted: order must come from the file
+    source = write_input(tmp_path / f"in{suffix}", TEXTS, ids)
+    run(source, tmp_path / "out.csv", batch_size=4)
+    rows = read_rows(tmp_path / "out.csv")
+    assert [r["id"] for r in rows] == ids
+    assert list(rows[0]) == ["id", "text", "label", "p_negative", "p_neutral", "p_positive"]
+
+
+def test_another_id_column_can_be_named(tmp_path):
+    source = tmp_path / "in.csv"
+    pd.DataFrame({"tweet_id": ["a", "b"], "text": TEXTS[:2]}).to_csv(source, index=False)
+    run(source, tmp_path / "out.jsonl", id_column="tweet_id")
+    assert [r["tweet_id"] for r in read_rows(tmp_path / "out.jsonl")] == ["a", "b"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_resume_after_a_truncated_partial_output_gives_the_uninterrupted_file(tmp_path, fmt):
+    source = write_input(tmp_path / "in.csv", TEXTS, [str(i) for i in range(len(TEXTS))])
+    full = tmp_path / f"full.{fmt}"
+    run(source, full, batch_size=4)
+    expected = full.read_bytes()
+
+    partial = tmp_path / f"partial.{fmt}"
+    lines = expected.split(b"\n")
+    header_lines = 1 if fmt == "csv" else 0
+    # 9 complete rows, then half of the 10th: what a kill in the middle of a write leaves.
+    partial.write_bytes(b"\n".join(lines[:header_lines + 9]) + b"\n" + lines[header_lines + 9][:15])
+    assert scan_output(partial, fmt).rows == 9
+
+    result, classifier = run(source, partial, batch_size=4)
+    assert result.skipped == 9 and result.written == len(TEXTS) - 9
+    assert classifier.batches[0][0] == TEXTS[9]  # the first 9 were not labelled again
+    assert partial.read_bytes() == expected
+
+
+def test_a_complete_output_is_not_rewritten_and_the_model_not_loaded(tmp_path):
+    source = write_input(tmp_path / "in.txt", TEXTS)
+    out = tmp_path / "out.jsonl"
+    run(source, out)
+    before = out.stat().st_mtime_ns, out.read_bytes()
+
+    def must_not_load():
+        raise AssertionError("the model was loaded for a complete output")
+
+    result = predict_file(source, out, must_not_load, progress=False)
+    assert result.already_complete and result.written == 0 and result.skipped == len(TEXTS)
+    assert (out.stat().st_mtime_ns, out.read_bytes()) == before
+
+
+def test_overwrite_starts_again(tmp_path):
+    source = write_input(tmp_path / "in.txt", TEXTS[:3])
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"text": "something else"}\n')
+    result, _ = run(source, out, overwrite=True)
+    assert result.written == 3 and [r["text"] for r in read_rows(out)] == TEXTS[:3]
+
+
+def test_an_output_from_another_input_is_refused_not_appended_to(tmp_path):
+    source = write_input(tmp_path / "in.txt", TEXTS[:3])
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"text": "something else"}\n')
+    with pytest.raises(UserError, match="--overwrite"):
+        run(source, out)
+    assert out.read_text() == '{"text": "something else"}\n'
+
+
+def test_a_blank_line_names_the_file_and_line(tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("first\n\nthird\n")
+    with pytest.raises(UserError, match=r"in\.txt:2: blank line"):
+        run(source, tmp_path / "out.jsonl")
+
+
+def test_a_missing_text_column_names_the_option(tmp_path):
+    source = tmp_path / "in.csv"
+    source.write_text("id,tweet\n1,hello\n")
+    with pytest.raises(UserError, match="--text-column"):
+        run(source, tmp_path / "out.jsonl")
+
+
+# --- through the CLI, with the tiny trained run --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("batch-run") / "run"
+    assert main(["--quiet", "run", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir), "--out", str(out),
+                 "--max-steps", "2", "--rank", "4", "--alpha", "8", "--batch-size", "4"]) == 0
+    return out
+
+
+def test_cli_streams_resumes_and_reports_a_complete_output(run_dir, tmp_path, capsys):
+    source = write_input(tmp_path / "in.parquet", TEXTS[:7], [10, 11, 12, 13, 14, 15, 16])
+    out = tmp_path / "out.csv"
+    command = ["--quiet", "predict", "--run", str(run_dir), "--input", str(source), "--output", str(out),
+               "--batch-size", "3"]
+    assert main(command) == 0
+    rows = read_rows(out)
+    assert [r["id"] for r in rows] == [str(i) for i in range(10, 17)] and [r["text"] for r in rows] == TEXTS[:7]
+    assert {r["label"] for r in rows} <= {"negative", "neutral", "positive"}
+    complete = out.read_bytes()
+
+    out.write_bytes(complete[: complete.index(b"\n", len(complete) // 2) + 5])  # cut in the middle of a row
+    assert main(command) == 0
+    resumed = read_rows(out)
+    assert [r["text"] for r in resumed] == TEXTS[:7]
+    assert [r["label"] for r in resumed] == [r["label"] for r in rows]
+    capsys.readouterr()
+
+    assert main(command) == 0
+    assert "already complete (7 rows)" in capsys.readouterr().out
