@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 from datetime import date
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from doratweet.adapters import DEFAULT_TARGETS, add_adapters, adapter_parameters
 from doratweet.data import load_data
 from doratweet.evaluate import classification_metrics, common_prefix, probabilities_from_scores, score_labels
-from doratweet.hardware import bf16_is_fast, default_device, inference_copy
+from doratweet.hardware import default_device, inference_copy
 from doratweet.models import load_base_model
 from doratweet.prompts import IGNORE_INDEX, make_prompt_format
 from doratweet.train import answer_loss, encode_split, epoch_batches, lr_factor, right_pad

@@ -104,3 +104,14 @@ def tiny_data_dir(tmp_path_factory) -> Path:
         (folder / f"{split}_text.txt").write_text("".join(t + "\n" for t, _ in rows))
         (folder / f"{split}_labels.txt").write_text("".join(f"{y}\n" for _, y in rows))
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Path:
+    """A run folder made by `doratweet run` on the tiny model (2 steps): for tests of what uses a run."""
+    from doratweet.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    assert main(["--quiet", "run", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir), "--out", str(out),
+                 "--max-steps", "2", "--rank", "4", "--alpha", "8", "--batch-size", "4"]) == 0
+    return out

@@ -159,11 +159,8 @@ def test_a_missing_text_column_names_the_option(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tiny_data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("batch-run") / "run"
-    assert main(["--quiet", "run", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir), "--out", str(out),
-                 "--max-steps", "2", "--rank", "4", "--alpha", "8", "--batch-size", "4"]) == 0
-    return out
+def run_dir(tiny_run_dir):
+    return tiny_run_dir
 
 
 def test_cli_streams_resumes_and_reports_a_complete_output(run_dir, tmp_path, capsys):

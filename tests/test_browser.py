@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from doratweet.cli import main
 from doratweet.predict import SentimentClassifier
 from doratweet.serve import create_app
 
@@ -29,12 +28,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+def server(tiny_run_dir, tmp_path_factory):
     import uvicorn
 
-    run_dir = tmp_path_factory.mktemp("browser-run") / "run"
-    assert main(["--quiet", "run", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir), "--out", str(run_dir),
-                 "--max-steps", "2", "--rank", "4", "--alpha", "8", "--batch-size", "4"]) == 0
+    run_dir = tiny_run_dir
     app = create_app(SentimentClassifier.load(run_dir), run_dir=run_dir, api_key=API_KEY)
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

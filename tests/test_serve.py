@@ -10,7 +10,6 @@ import httpx
 import pytest
 
 from doratweet import LABELS
-from doratweet.cli import main
 from doratweet.predict import SentimentClassifier
 from doratweet.serve import create_app
 
@@ -18,11 +17,8 @@ TWEETS = ["I love this phone", "worst service ever", "the meeting is at 5pm", "s
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tiny_data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve-run") / "run"
-    assert main(["--quiet", "run", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir), "--out", str(out),
-                 "--max-steps", "2", "--rank", "4", "--alpha", "8", "--batch-size", "4"]) == 0
-    return out
+def run_dir(tiny_run_dir):
+    return tiny_run_dir
 
 
 @pytest.fixture(scope="module")

@@ -13,30 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import low_rank_pair, scaling_factor
+from .lora import LowRankAdapter
 
 # A row of W that is all zeros has m = 0 and norm 0; the floor turns 0/0 into 0 instead of NaN.
 _NORM_FLOOR = 1e-12
 
 
-class DoRALinear(nn.Module):
+class DoRALinear(LowRankAdapter):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
-        super().__init__()
-        self.base = base
-        self.rank = rank
-        self.scaling = scaling_factor(rank, alpha, use_rslora)
-        self.lora_A, self.lora_B = low_rank_pair(base, rank)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        super().__init__(base, rank, alpha, dropout, use_rslora)
         weight_sq = base.weight.detach().float().pow(2).sum(dim=1)
         # ||W||^2 per row never changes (W is frozen): keep it, non-persistent, for the factored norm below.
         self.register_buffer("weight_sq_norm", weight_sq, persistent=False)
         self.magnitude = nn.Parameter(weight_sq.sqrt())
         self._norm: torch.Tensor | None = None
         self._norm_key: tuple | None = None
-
-    def lora(self, x: torch.Tensor) -> torch.Tensor:
-        """B A x, computed in the activation dtype without forming B A."""
-        return F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
 
     def weight_norm(self) -> torch.Tensor:
         """||W + s B A|| per output row, fp32, detached; recomputed only after A, B or W change.

@@ -19,13 +19,12 @@ from torch import nn
 
 from ..errors import UserError
 from .dora import DoRALinear
-from .lora import LoRALinear
+from .lora import LoRALinear, LowRankAdapter
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
-ADAPTER_TYPES = (DoRALinear, LoRALinear)
 
 
 @dataclass
@@ -124,7 +123,7 @@ def get_adapter_config(model: nn.Module) -> AdapterConfig | None:
 
 
 def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, LowRankAdapter)}
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -258,16 +257,3 @@ def _atomic_write(target: Path, write) -> None:
     finally:
         tmp.unlink(missing_ok=True)
 
-
-__all__ = [
-    "AdapterConfig",
-    "DEFAULT_TARGETS",
-    "add_adapters",
-    "adapter_parameters",
-    "adapter_state_dict",
-    "get_adapter_config",
-    "load_adapter",
-    "merge_adapters",
-    "read_adapter_config",
-    "save_adapter",
-]

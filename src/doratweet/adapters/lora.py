@@ -26,7 +26,9 @@ def low_rank_pair(base: nn.Linear, rank: int) -> tuple[nn.Parameter, nn.Paramete
     return nn.Parameter(lora_A), nn.Parameter(lora_B)
 
 
-class LoRALinear(nn.Module):
+class LowRankAdapter(nn.Module):
+    """What LoRA and DoRA share: the frozen base linear, A and B, the scale s, and dropout."""
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
         self.base = base
@@ -39,6 +41,8 @@ class LoRALinear(nn.Module):
         """B A x, computed in the activation dtype without forming B A."""
         return F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
 
+
+class LoRALinear(LowRankAdapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.scaling * self.lora(self.dropout(x))
 
