@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="quick: subsets for a CPU in < 15 min; full: all data (default: full on CUDA, else quick)")
     run.add_argument("--train-limit", type=int, default=None, help="train on the first N tweets (default: preset's)")
     run.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test tweets (default: preset's)")
+    run.add_argument("--generate-limit", type=int, default=None,
+                     help="evaluate generation on the first N of those (default: preset's)")
     run.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder (default: off)")
     run.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (default: off)")
     run.add_argument("--eval-batch-size", type=int, default=32, help="tweets per evaluation batch (default: %(default)s)")
@@ -132,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label (default: read --input or stdin)")
     src = pr.add_mutually_exclusive_group()
     src.add_argument("--run", default=None, help="run folder written by `doratweet run` (default: none)")
-    src.add_argument("--adapter", default=None, help="adapter folder in PEFT format (default: none; one of "
-                     "--run/--adapter is needed)")
+    src.add_argument("--adapter", default=None, help="adapter folder in PEFT format (default: the adapter shipped "
+                     "with doratweet, DoRA on SmolLM2-135M-Instruct)")
     pr.add_argument("--model", default=None, help="base model (default: the one the adapter names)")
     pr.add_argument("--input", default=None, help=".txt (one per line), .csv, .jsonl or .parquet (default: none)")
     pr.add_argument("--text-column", default="text", help="text column of --input tables (default: %(default)s)")
@@ -154,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = sv.add_mutually_exclusive_group()
     src.add_argument("--run", default=None, help="run folder written by `doratweet run`; its metrics and plots "
                      "appear on /report (default: none)")
-    src.add_argument("--adapter", default=None, help="adapter folder in PEFT format (default: none; one of "
-                     "--run/--adapter is needed)")
+    src.add_argument("--adapter", default=None, help="adapter folder in PEFT format (default: the adapter shipped "
+                     "with doratweet, DoRA on SmolLM2-135M-Instruct)")
     sv.add_argument("--model", default=None, help="base model (default: the one the adapter names)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network "
                     "(default: %(default)s)")
@@ -208,7 +210,7 @@ def cmd_run(args) -> int:
 
     run_pipeline(model_spec=args.model, data_spec=args.data, data_options=data_options(args), out_dir=args.out, preset_name=args.preset,
                  training_overrides=training_overrides(args), train_limit=args.train_limit,
-                 test_limit=args.test_limit, system_prompt=args.system_prompt, batch_size=args.eval_batch_size,
+                 test_limit=args.test_limit, generate_limit=args.generate_limit, system_prompt=args.system_prompt, batch_size=args.eval_batch_size,
                  overwrite=args.overwrite, resume=args.resume, eval_bf16=bf16_choice(args), trust_remote_code=args.trust_remote_code,
                  progress=not args.quiet)
     return 0
@@ -256,8 +258,6 @@ def cmd_serve(args) -> int:
 
     from .serve import run_server
 
-    if not (args.run or args.adapter):
-        raise UserError("serve: pass --run RUN_DIR or --adapter ADAPTER_DIR (the trained adapter to serve)")
     for flag, value in (("--max-batch", args.max_batch), ("--max-texts", args.max_texts),
                         ("--max-chars", args.max_chars), ("--queue-size", args.queue_size)):
         if value < 1:

@@ -126,6 +126,7 @@ def run_pipeline(
     training_overrides: dict | None = None,
     train_limit: int | None = None,
     test_limit: int | None = None,
+    generate_limit: int | None = None,
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
     batch_size: int = 32,
     overwrite: bool = False,
@@ -138,8 +139,8 @@ def run_pipeline(
 
     started = time.perf_counter()
     preset = PRESETS[preset_name or default_preset()]
-    if train_limit is not None or test_limit is not None:
-        preset = replace(preset, train_limit=train_limit or preset.train_limit, test_limit=test_limit or preset.test_limit)
+    preset = replace(preset, train_limit=train_limit or preset.train_limit, test_limit=test_limit or preset.test_limit,
+                     generate_limit=generate_limit or preset.generate_limit)
     model_spec = model_spec or EMBEDDED_NAME
     data_spec = resolve_data_spec(data_spec)
     out_dir = Path(out_dir)
