@@ -292,3 +292,18 @@ def test_bf16_autocast_error_is_no_worse_than_peft(arch, ids):
         ours, theirs = model(ids).logits.float(), twin(input_ids=ids).logits.float()
     assert max_rel_diff(ours, theirs) <= 5e-2
     assert max_rel_diff(ours, reference) <= 1.25 * max_rel_diff(theirs, reference)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    model, _ = build_tiny_model()
+    add_adapters(model, rank=4, alpha=8)
+    old = os.umask(0o022)
+    try:
+        save_adapter(model, tmp_path / "a")
+    finally:
+        os.umask(old)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert stat.S_IMODE((tmp_path / "a" / name).stat().st_mode) == 0o644, name

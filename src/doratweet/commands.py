@@ -73,9 +73,6 @@ def evaluate_command(args, data_options: dict, bf16: bool | None) -> dict:
 
 
 def predict_command(args, bf16: bool | None) -> None:
-    if not (args.run or args.adapter):
-        raise UserError("predict: pass --run RUN_DIR or --adapter ADAPTER_DIR (the trained adapter to use)")
-
     def load_classifier() -> SentimentClassifier:
         classifier = SentimentClassifier.load(args.run or args.adapter, model=args.model, bf16=bf16)
         classifier.batch_size = args.batch_size

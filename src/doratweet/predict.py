@@ -20,8 +20,18 @@ from .models import EMBEDDED_NAME, EMBEDDED_UPSTREAM_ID, load_base_model
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
 
 
-def adapter_folder(path: str | os.PathLike) -> Path:
-    """Accept a run folder (with adapter/) or an adapter folder."""
+# The run folder (adapter, card, metrics, plots) that ships inside the package, so `doratweet predict "text"`
+# and `doratweet serve` work right after installing, without training.
+SHIPPED_RUN = Path(__file__).parent / "pretrained" / "smollm2-135m-tweeteval"
+SHIPPED_ADAPTER = SHIPPED_RUN / "adapter"
+
+
+def adapter_folder(path: str | os.PathLike | None) -> Path:
+    """Accept a run folder (with adapter/) or an adapter folder; None means the shipped adapter."""
+    if path is None:
+        if not (SHIPPED_ADAPTER / "adapter_config.json").is_file():
+            raise UserError("no adapter given and none ships with this install; pass --run or --adapter")
+        return SHIPPED_ADAPTER
     path = Path(path)
     if (path / "adapter" / "adapter_config.json").is_file():
         return path / "adapter"
@@ -42,7 +52,7 @@ class SentimentClassifier:
     @classmethod
     def load(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike | None = None,
         *,
         model: str | None = None,
         device: str | torch.device | None = None,
@@ -50,7 +60,8 @@ class SentimentClassifier:
         bf16: bool | None = None,
         trust_remote_code: bool = False,
     ) -> "SentimentClassifier":
-        """`path` is a run folder or an adapter folder; `model` overrides the base model it names.
+        """`path` is a run folder or an adapter folder (default: the adapter shipped with doratweet);
+        `model` overrides the base model it names.
 
         The adapter is merged into the weights by default: prediction then costs what the base model costs.
         Merged weights are bf16 where bf16 is fast (`bf16=None`), or as chosen.

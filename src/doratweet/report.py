@@ -21,6 +21,7 @@ import yaml
 
 from . import LABELS
 from .errors import UserError
+from .files import readable_by_all
 
 METRICS_FILE = "metrics.json"
 LOG_FILE = "train_log.jsonl"
@@ -142,6 +143,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as temp:
             temp.write(data)
+        readable_by_all(temp_name)
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import UserError
+from ..files import readable_by_all
 from .dora import DoRALinear
 from .lora import LoRALinear, LowRankAdapter
 
@@ -253,6 +254,7 @@ def _atomic_write(target: Path, write) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         write(str(tmp))
+        readable_by_all(tmp)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
