@@ -27,7 +27,7 @@ import torch
 from doratweet.adapters import DEFAULT_TARGETS, add_adapters, adapter_parameters
 from doratweet.data import load_data
 from doratweet.evaluate import classification_metrics, common_prefix, probabilities_from_scores, score_labels
-from doratweet.hardware import default_device, inference_copy
+from doratweet.hardware import default_device, inference_model
 from doratweet.models import load_base_model
 from doratweet.prompts import IGNORE_INDEX, make_prompt_format
 from doratweet.train import answer_loss, encode_split, epoch_batches, lr_factor, right_pad
@@ -128,7 +128,7 @@ def main() -> None:
         model.eval()
         start = time.perf_counter()
         if name == "ours":
-            scorer = inference_copy(model, device)
+            scorer = inference_model(model, device)
             scores = score_labels(scorer, fmt, prompts, batch_size=64)
             precision = str(next(scorer.parameters()).dtype)
         else:

@@ -12,7 +12,7 @@ from .adapters import load_adapter, merge_adapters, read_adapter_config
 from .data import load_data, load_split
 from .errors import UserError
 from .evaluate import UNPARSED
-from .hardware import default_device, inference_copy
+from .hardware import default_device, inference_model
 from .models import EMBEDDED_NAME, load_base_model
 from .pipeline import environment, prepare_out_dir, timed_predictions, write_json, write_label_ids
 from .predict import (
@@ -59,7 +59,7 @@ def evaluate_command(args, data_options: dict, bf16: bool | None) -> dict:
     else:
         base = load_base_model(args.model, device=default_device(), trust_remote_code=args.trust_remote_code)
     fmt = make_prompt_format(base.tokenizer, system_prompt or DEFAULT_SYSTEM_PROMPT)
-    model = inference_copy(base.model, default_device(), bf16)
+    model = inference_model(base.model, default_device(), bf16, copy=False)
     predictions, metrics = timed_predictions(model, fmt, split, args.mode, args.batch_size)
     metrics.update(base_model_id=base.base_model_id, adapter=args.adapter, environment=environment(default_device()))
     if args.out:

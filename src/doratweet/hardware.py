@@ -20,18 +20,14 @@ def bf16_is_fast(device: torch.device) -> bool:
     return False
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast where enabled; matmuls run in bf16, norms and losses stay fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def inference_copy(model, device: torch.device, bf16: bool | None = None):
-    """A copy for evaluation: adapters merged into the weights (no adapter cost per token), in bf16 where
-    that is fast. bf16 weights beat bf16 autocast, which re-casts every weight on every call."""
-    import copy
+def inference_model(model, device: torch.device, bf16: bool | None = None, copy: bool = True):
+    """The model for evaluation: adapters merged into the weights (no adapter cost per token), in bf16 where
+    that is fast. bf16 weights beat bf16 autocast, which re-casts every weight on every call. `copy=True`
+    leaves `model` as it is (training goes on with it); `copy=False` converts it in place, saving a copy."""
+    import copy as copying
 
     from .adapters import merge_adapters
 
     bf16 = bf16_is_fast(device) if bf16 is None else bf16
-    clone = merge_adapters(copy.deepcopy(model)).eval()
-    return clone.to(torch.bfloat16) if bf16 else clone
+    merged = merge_adapters(copying.deepcopy(model) if copy else model).eval()
+    return merged.to(torch.bfloat16) if bf16 else merged

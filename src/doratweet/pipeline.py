@@ -22,7 +22,7 @@ from .data import Split, load_data, resolve_data_spec
 from .errors import UserError
 from .evaluate import Predictions, classification_metrics, predict
 from .models import EMBEDDED_NAME, load_base_model
-from .hardware import default_device, inference_copy
+from .hardware import default_device, inference_model
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
 from .train import TrainConfig, train
 
@@ -75,7 +75,7 @@ def timed_predictions(model, fmt, split: Split, mode: str, batch_size: int) -> t
 def evaluate_both_modes(model, fmt, test: Split, generate_test: Split, batch_size: int, bf16: bool | None,
                         examples: Split) -> tuple[Predictions, dict, list[int]]:
     """Both modes on the test tweets, and the score-mode labels of the card's example tweets."""
-    evaluated = inference_copy(model, next(model.parameters()).device, bf16)
+    evaluated = inference_model(model, next(model.parameters()).device, bf16)
     scored, score_metrics = timed_predictions(evaluated, fmt, test, "score", batch_size)
     results = {"score": score_metrics}
     if len(generate_test):

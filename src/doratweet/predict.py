@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from . import LABELS
-from .adapters import load_adapter, merge_adapters, read_adapter_config
+from .adapters import load_adapter, read_adapter_config
 from .errors import UserError
-from .hardware import bf16_is_fast, default_device
+from .hardware import default_device, inference_model
 from .evaluate import predict as predict_with_model
 from .models import EMBEDDED_NAME, EMBEDDED_UPSTREAM_ID, load_base_model
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
@@ -73,9 +73,7 @@ class SentimentClassifier:
         base = load_base_model(spec, device=device, trust_remote_code=trust_remote_code)
         load_adapter(base.model, folder)
         if merge:
-            merge_adapters(base.model)
-            if bf16 if bf16 is not None else bf16_is_fast(device):
-                base.model.to(torch.bfloat16)
+            inference_model(base.model, device, bf16, copy=False)
         base.model.eval()
         system_prompt = config.extra.get("system_prompt", DEFAULT_SYSTEM_PROMPT)
         return cls(base.model, make_prompt_format(base.tokenizer, system_prompt), config.base_model_id or spec)

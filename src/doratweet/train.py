@@ -22,7 +22,7 @@ from .adapters import DEFAULT_TARGETS, add_adapters, adapter_parameters, get_ada
 from .adapters.inject import adapter_state_dict
 from .data import Split
 from .errors import UserError
-from .hardware import inference_copy
+from .hardware import inference_model
 from .evaluate import (
     classification_metrics,
     common_prefix,
@@ -146,7 +146,7 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 def validate(model, fmt: PromptFormat, prompts: list[list[int]], labels: list[int], batch_size: int) -> dict:
     """Validation macro-F1 etc., scored on a merged copy (bf16 where fast) so training's weights stay as they are."""
-    scorer = inference_copy(model, next(model.parameters()).device)
+    scorer = inference_model(model, next(model.parameters()).device)
     probabilities = probabilities_from_scores(score_labels(scorer, fmt, prompts, batch_size))
     return classification_metrics(labels, probabilities.argmax(axis=1))
 
