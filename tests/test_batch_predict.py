@@ -155,6 +155,29 @@ def test_a_missing_text_column_names_the_option(tmp_path):
         run(source, tmp_path / "out.jsonl")
 
 
+def test_a_text_longer_than_max_text_chars_names_the_file_and_line(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": "x" * 1_000_000}) + "\n")
+    expected = r"in\.jsonl:2: text is 1,000,000 characters, over the 5,000 allowed .*; shorten it or remove that row$"
+    with pytest.raises(UserError, match=expected):
+        run(source, tmp_path / "out.jsonl")
+
+
+def test_crlf_input_is_read_like_lf_even_inside_quoted_csv_texts(tmp_path):
+    source = tmp_path / "in.csv"
+    source.write_bytes(b'id,text\r\n1,"two\r\nlines"\r\n2,plain\r\n')
+    run(source, tmp_path / "out.jsonl")
+    assert [row["text"] for row in read_rows(tmp_path / "out.jsonl")] == ["two\nlines", "plain"]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv"])
+def test_a_byte_order_mark_is_ignored(tmp_path, suffix):
+    source = write_input(tmp_path / f"in{suffix}", ["first", "second"])
+    source.write_bytes(b"\xef\xbb\xbf" + source.read_bytes())
+    run(source, tmp_path / "out.jsonl")
+    assert [row["text"] for row in read_rows(tmp_path / "out.jsonl")] == ["first", "second"]
+
+
 # --- through the CLI, with the tiny trained run --------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from doratweet.data import DEFAULT_DATA, Split, load_data, load_split, read_texts, resolve_data_spec
+from doratweet.data import DEFAULT_DATA, MAX_TEXT_CHARS, Split, load_data, load_split, read_texts, resolve_data_spec
 from doratweet.errors import UserError
 
 REAL_TWEETEVAL = Path(__file__).resolve().parents[2] / "shared/data/tweeteval/sentiment"
@@ -479,3 +479,491 @@ def test_read_texts_missing_file_is_an_error(tmp_path):
     with pytest.raises(UserError, match=r"missing\.txt: no such file"):
         read_texts(tmp_path / "missing.txt")
 
+
+
+# --- messy files, case by case (docs/reliability.md) -----------------------------------------------------
+# Every error below is a UserError whose one-line message names the file, the line (or Parquet row) and
+# the fix.
+
+
+def raised_message(spec, **options) -> str:
+    with pytest.raises(UserError) as raised:
+        load_data(str(spec), **options)
+    return str(raised.value)
+
+
+# 1. a missing file
+
+
+def test_split_mapping_with_a_missing_file_names_the_split_and_the_path(tmp_path):
+    with pytest.raises(UserError, match=r"train file in --data .*gone\.csv: no such file; check the path"):
+        load_data(f"train={tmp_path / 'gone.csv'}")
+
+
+def test_tweeteval_labels_file_without_text_file_is_an_error(tmp_path):
+    (tmp_path / "test_labels.txt").write_text("0\n")
+    with pytest.raises(UserError, match=r"test_labels\.txt has no partner test_text\.txt"):
+        load_data(str(tmp_path))
+
+
+# 2. an empty file: an error naming the file, never a silently empty split
+
+
+def test_tweeteval_empty_text_and_label_files_are_an_error(tmp_path):
+    folder = write_tweeteval(tmp_path, {"train": ("a\n", "0\n"), "test": ("", "")})
+    with pytest.raises(UserError, match=r"test_text\.txt: the file is empty .*; fill it, or pass the file you meant"):
+        load_data(str(folder))
+
+
+def test_tweeteval_empty_labels_file_is_an_error(tmp_path):
+    folder = write_tweeteval(tmp_path, {"train": ("a\nb\n", "")})
+    with pytest.raises(UserError, match=r"train_labels\.txt: the file is empty"):
+        load_data(str(folder))
+
+
+def test_empty_mapping_file_is_an_error(tmp_path):
+    folder = write_tweeteval(tmp_path, {"test": ("ok\n", "0\n")}, mapping="")
+    with pytest.raises(UserError, match=r"mapping\.txt: the file is empty"):
+        load_data(str(folder))
+
+
+def test_zero_byte_csv_is_an_error(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "")
+    with pytest.raises(UserError, match=r"train\.csv: the file is empty"):
+        load_data(str(path))
+
+
+def test_csv_with_only_a_header_is_an_error(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "text,label\n")
+    with pytest.raises(UserError, match=r"train\.csv: no rows in the train split; give it at least one labelled text"):
+        load_data(str(path))
+
+
+def test_jsonl_of_only_blank_lines_is_an_empty_file(tmp_path):
+    path = write_csv(tmp_path / "train.jsonl", "\n  \n")
+    with pytest.raises(UserError, match=r"train\.jsonl: the file is empty \(or holds only whitespace\)"):
+        load_data(str(path))
+
+
+def test_zero_byte_parquet_is_an_error(tmp_path):
+    path = tmp_path / "train.parquet"
+    path.write_bytes(b"")
+    with pytest.raises(UserError, match=r"train\.parquet: the file is empty"):
+        load_data(str(path))
+
+
+def test_parquet_without_rows_is_an_error(tmp_path):
+    path = tmp_path / "train.parquet"
+    pd.DataFrame({"text": pd.Series([], dtype=str), "label": pd.Series([], dtype=int)}).to_parquet(path)
+    with pytest.raises(UserError, match=r"train\.parquet: no rows in the train split"):
+        load_data(str(path))
+
+
+def test_empty_file_in_a_folder_of_split_files_is_an_error(tmp_path):
+    write_csv(tmp_path / "train.csv", "text,label\na,0\n")
+    write_csv(tmp_path / "test.csv", "")
+    with pytest.raises(UserError, match=r"test\.csv: the file is empty"):
+        load_data(str(tmp_path))
+
+
+def test_read_texts_empty_txt_is_an_error(tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"")
+    with pytest.raises(UserError, match=r"in\.txt: the file is empty"):
+        read_texts(path)
+
+
+def test_read_texts_csv_with_only_a_header_is_an_error(tmp_path):
+    path = write_csv(tmp_path / "in.csv", "text\n")
+    with pytest.raises(UserError, match=r"in\.csv: no texts to classify"):
+        read_texts(path)
+
+
+# 3. wrong or missing columns
+
+
+def test_parquet_missing_text_column_lists_available_columns(tmp_path):
+    path = tmp_path / "train.parquet"
+    pd.DataFrame({"tweet": ["hi"], "label": [0]}).to_parquet(path)
+    with pytest.raises(UserError, match=r"train\.parquet: no column 'text' \(columns: 'tweet', 'label'\); choose one"):
+        load_data(str(path))
+
+
+def test_read_texts_jsonl_missing_column_lists_available(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"tweet": "a"}])
+    expected = r"in\.jsonl: no column 'text' \(columns: 'tweet'\); choose one with --text-column"
+    with pytest.raises(UserError, match=expected):
+        read_texts(path)
+
+
+def test_csv_header_naming_a_column_twice_is_an_error(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "text,label,text\na,0,b\n")
+    with pytest.raises(UserError, match=r"train\.csv:1: column 'text' appears twice in the header; rename or remove"):
+        load_data(str(path))
+
+
+def test_csv_row_with_an_extra_field_names_its_own_line(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "text,label\nfine,0\nalso fine,1\nwell, ok,2\n")
+    expected = r"train\.csv:4: more fields than the header has columns \(3, not 2\); quote texts that contain commas"
+    with pytest.raises(UserError, match=expected):
+        load_data(str(path))
+
+
+def test_csv_row_with_a_missing_field_reports_the_missing_label(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "text,label\nfine,0\nno label here\n")
+    with pytest.raises(UserError, match=r"train\.csv:3: missing label"):
+        load_data(str(path))
+
+
+def test_skip_bad_rows_drops_csv_rows_with_extra_fields(tmp_path, caplog):
+    path = write_csv(tmp_path / "train.csv", "text,label\nfine,0\nwell, ok,2\ngood,2\n")
+    with caplog.at_level(logging.WARNING, logger="doratweet.data"):
+        split = load_data(str(path), skip_bad_rows=True)["train"]
+    assert (split.texts, split.labels) == (["fine", "good"], [0, 2])
+    assert "skipped 1 bad row in train (first: " in caplog.text
+
+
+def test_csv_quote_never_closed_names_the_line_it_opens_on(tmp_path):
+    path = write_csv(tmp_path / "train.csv", 'text,label\nfine,0\n"never closed,1\nmore,2\n')
+    with pytest.raises(UserError, match=r"train\.csv:3: not valid CSV \(.*\); check the quotes"):
+        load_data(str(path))
+
+
+# 4. TweetEval text and label files of different lengths
+
+
+def test_tweeteval_count_mismatch_names_the_first_line_without_a_partner(tmp_path):
+    folder = write_tweeteval(tmp_path, {"train": ("a\nb\n", "0\n1\n2\n")})
+    with pytest.raises(UserError, match=r"the first line without a partner is train_labels\.txt:3\)"):
+        load_data(str(folder))
+
+
+def test_tweeteval_count_mismatch_is_an_error_even_with_skip_bad_rows(tmp_path):
+    folder = write_tweeteval(tmp_path, {"train": ("a\nb\nc\n", "0\n1\n")})
+    with pytest.raises(UserError, match=r"train_text\.txt has 3 lines but .*train_labels\.txt has 2"):
+        load_data(str(folder), skip_bad_rows=True)
+
+
+# 5. a label outside the mapping
+
+
+def test_jsonl_label_out_of_range_names_the_line(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 3}])
+    with pytest.raises(UserError, match=r"train\.jsonl:2: unknown label 3; accepted: 0, 1, 2, negative"):
+        load_data(str(path))
+
+
+def test_parquet_label_out_of_range_names_the_row(tmp_path):
+    path = tmp_path / "train.parquet"
+    pd.DataFrame({"text": ["a", "b"], "label": [0, -1]}).to_parquet(path)
+    with pytest.raises(UserError, match=r"train\.parquet row 2: unknown label -1; accepted: "):
+        load_data(str(path))
+
+
+def test_fractional_label_is_not_rounded(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 1.5}])
+    with pytest.raises(UserError, match=r"train\.jsonl:1: unknown label 1\.5"):
+        load_data(str(path))
+
+
+# 6. an empty or whitespace-only text
+
+
+def test_jsonl_whitespace_text_names_the_line(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "ok", "label": 0}, {"text": " \t ", "label": 1}])
+    with pytest.raises(UserError, match=r"train\.jsonl:2: empty text; fix the row or pass --skip-bad-rows"):
+        load_data(str(path))
+
+
+def test_jsonl_row_without_the_text_field_is_an_empty_text(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "ok", "label": 0}, {"label": 1}])
+    with pytest.raises(UserError, match=r"train\.jsonl:2: empty text"):
+        load_data(str(path))
+
+
+def test_parquet_whitespace_text_names_the_row(tmp_path):
+    path = tmp_path / "train.parquet"
+    pd.DataFrame({"text": ["ok", "   "], "label": [0, 1]}).to_parquet(path)
+    with pytest.raises(UserError, match=r"train\.parquet row 2: empty text"):
+        load_data(str(path))
+
+
+def test_read_texts_empty_csv_cell_names_the_line(tmp_path):
+    path = write_csv(tmp_path / "in.csv", "id,text\n1,hi\n2,  \n")
+    with pytest.raises(UserError, match=r"in\.csv:3: empty text; fix the row or remove it"):
+        read_texts(path)
+
+
+# 7. bytes that are not UTF-8: an error at the line, even with skip_bad_rows (the file is in another encoding)
+
+
+def test_undecodable_label_file_names_the_line(tmp_path):
+    folder = write_tweeteval(tmp_path, {"train": ("a\nb\n", "0\n1\n")})
+    (folder / "train_labels.txt").write_bytes(b"0\n\xb1\n")
+    expected = r"train_labels\.txt:2: not valid UTF-8 \(byte 0xb1\); re-save the file as UTF-8"
+    with pytest.raises(UserError, match=expected):
+        load_data(str(folder))
+
+
+def test_undecodable_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"text": "ok", "label": 0}\r\n{"text": "caf\xe9", "label": 1}\r\n')
+    with pytest.raises(UserError, match=r"train\.jsonl:2: not valid UTF-8 \(byte 0xe9\)"):
+        load_data(str(path))
+
+
+def test_undecodable_bytes_are_an_error_even_with_skip_bad_rows(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"text,label\nok,1\ncaf\xe9,2\n")
+    with pytest.raises(UserError, match=r"train\.csv:3: not valid UTF-8"):
+        load_data(str(path), skip_bad_rows=True)
+
+
+def test_read_texts_undecodable_txt_names_the_line(tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"fine\nalso fine\n\x80oops\n")
+    with pytest.raises(UserError, match=r"in\.txt:3: not valid UTF-8 \(byte 0x80\)"):
+        read_texts(path)
+
+
+# 8. a text longer than MAX_TEXT_CHARS (a 1 MB "tweet")
+
+
+def test_max_text_chars_is_far_above_a_tweet():
+    assert 280 < MAX_TEXT_CHARS == 5_000
+
+
+def test_one_megabyte_csv_text_is_rejected_naming_file_and_line(tmp_path):
+    path = write_csv(tmp_path / "train.csv", f"text,label\nok,0\n{'x' * 1_000_000},1\n")
+    expected = (
+        r"train\.csv:3: text is 1,000,000 characters, over the 5,000 allowed \(a tweet has at most 280\); "
+        r"shorten it or pass --skip-bad-rows to drop bad rows$"
+    )
+    with pytest.raises(UserError, match=expected):
+        load_data(str(path))
+
+
+def test_one_megabyte_tweeteval_text_names_the_text_file_and_line(tmp_path):
+    folder = write_tweeteval(tmp_path, {"train": (f"ok\n{'y' * 1_000_000}\n", "0\n1\n")})
+    with pytest.raises(UserError, match=r"train_text\.txt:2: text is 1,000,000 characters"):
+        load_data(str(folder))
+
+
+def test_one_megabyte_jsonl_text_names_the_line(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "z" * 1_000_000, "label": 2}])
+    with pytest.raises(UserError, match=r"train\.jsonl:1: text is 1,000,000 characters"):
+        load_data(str(path))
+
+
+def test_one_megabyte_parquet_text_names_the_row(tmp_path):
+    path = tmp_path / "train.parquet"
+    pd.DataFrame({"text": ["ok", "w" * 1_000_000], "label": [0, 1]}).to_parquet(path)
+    with pytest.raises(UserError, match=r"train\.parquet row 2: text is 1,000,000 characters"):
+        load_data(str(path))
+
+
+def test_skip_bad_rows_drops_a_one_megabyte_csv_text(tmp_path, caplog):
+    path = write_csv(tmp_path / "train.csv", f'text,label\nok,0\n"{"x" * 1_000_000}",1\nfine,2\n')
+    with caplog.at_level(logging.WARNING, logger="doratweet.data"):
+        split = load_data(str(path), skip_bad_rows=True)["train"]
+    assert (split.texts, split.labels) == (["ok", "fine"], [0, 2])
+    assert "skipped 1 bad row in train (first: " in caplog.text
+    assert "train.csv:3: text is 1,000,000 characters" in caplog.text
+
+
+def test_a_text_of_exactly_max_text_chars_is_kept_and_padding_does_not_count(tmp_path):
+    longest = "a" * MAX_TEXT_CHARS
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": f"  {longest}  ", "label": 1}])
+    assert load_data(str(path))["train"].texts == [longest]
+
+
+def test_read_texts_rejects_a_one_megabyte_line(tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_text(f"short\n{'q' * 1_000_000}\n")
+    with pytest.raises(UserError, match=r"in\.txt:2: text is 1,000,000 characters, .*; shorten it or remove it$"):
+        read_texts(path)
+
+
+# 9. mixed line endings: '\r\n' reads as '\n'; a lone '\r' is text in .txt/JSONL, a row end in CSV (outside quotes)
+
+
+def test_tweeteval_mixed_line_endings_keep_text_and_labels_aligned(tmp_path):
+    folder = write_tweeteval(tmp_path, {"train": ("first\r\nsecond\nthird\r\n", "2\n0\r\n1")})
+    split = load_data(str(folder))["train"]
+    assert split.texts == ["first", "second", "third"]
+    assert split.labels == [2, 0, 1]
+
+
+def test_tweeteval_crlf_error_line_numbers_match_an_editor(tmp_path):
+    folder = write_tweeteval(tmp_path, {"train": ("a\r\nb\r\nc\r\n", "0\r\n1\r\n5\r\n")})
+    with pytest.raises(UserError, match=r"train_labels\.txt:3: unknown label '5'"):
+        load_data(str(folder))
+
+
+def test_tweeteval_file_with_lone_cr_line_endings_says_how_to_fix_it(tmp_path):
+    folder = write_tweeteval(tmp_path, {"train": ("a\rb\rc\r", "0\n1\n2\n")})
+    expected = r"train_text\.txt holds lone \\r characters: if they end lines, save it with \\n line endings$"
+    with pytest.raises(UserError, match=expected):
+        load_data(str(folder))
+
+
+def test_mapping_with_crlf_is_accepted(tmp_path):
+    mapping = MAPPING.replace("\n", "\r\n")
+    folder = write_tweeteval(tmp_path, {"test": ("ok\n", "2\n")}, mapping=mapping)
+    assert load_data(str(folder))["test"].labels == [2]
+
+
+def test_csv_crlf_reads_like_lf_even_inside_quoted_texts(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes(b'text,label\r\n"two\r\nlines",1\r\nplain,2\nlast,0\r\n')
+    split = load_data(str(path))["train"]
+    assert split.texts == ["two\nlines", "plain", "last"]
+    assert split.labels == [1, 2, 0]
+
+
+def test_csv_lone_cr_ends_a_row_outside_quotes_and_stays_inside_them(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes(b'text,label\rfirst,0\rsecond,2\n"kept\rinside",1\n')
+    split = load_data(str(path))["train"]
+    assert split.texts == ["first", "second", "kept\rinside"]
+    assert split.labels == [0, 2, 1]
+
+
+def test_csv_line_numbers_count_line_breaks_inside_quoted_texts(tmp_path):
+    path = write_csv(tmp_path / "train.csv", 'text,label\n"one\ntwo\nthree",1\nbad,9\n')
+    with pytest.raises(UserError, match=r"train\.csv:5: unknown label '9'"):
+        load_data(str(path))
+
+
+def test_csv_blank_lines_are_ignored_but_still_counted(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "text,label\n\nok,1\n\nbad,9\n")
+    with pytest.raises(UserError, match=r"train\.csv:5: unknown label '9'"):
+        load_data(str(path))
+
+
+def test_jsonl_crlf_reads_like_lf(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"text": "a", "label": 0}\r\n{"text": "b", "label": 2}\n{"text": "c", "label": 1}\r\n')
+    split = load_data(str(path))["train"]
+    assert (split.texts, split.labels) == (["a", "b", "c"], [0, 2, 1])
+
+
+def test_read_texts_crlf_txt_has_no_stray_cr(tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"first\r\nsecond\nthird\r\n")
+    assert read_texts(path) == ["first", "second", "third"]
+
+
+# 10. a UTF-8 byte-order mark at the start of a file is ignored
+
+
+def test_tweeteval_files_with_a_bom_are_read_without_it(tmp_path):
+    folder = write_tweeteval(tmp_path, {"train": ("\ufeffhello\nbye\n", "\ufeff2\n0\n")}, mapping="\ufeff" + MAPPING)
+    split = load_data(str(folder))["train"]
+    assert split.texts == ["hello", "bye"]
+    assert split.labels == [2, 0]
+
+
+def test_csv_with_a_bom_finds_its_first_column(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\nhi,1\n", encoding="utf-8-sig")
+    split = load_data(str(path))["train"]
+    assert (split.texts, split.labels) == (["hi"], [1])
+
+
+def test_jsonl_with_a_bom_reads_its_first_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "hi", "label": 1}\n', encoding="utf-8-sig")
+    assert load_data(str(path))["train"].texts == ["hi"]
+
+
+def test_read_texts_with_a_bom_reads_the_first_text_without_it(tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_text("first\nsecond\n", encoding="utf-8-sig")
+    assert read_texts(path) == ["first", "second"]
+
+
+def test_read_texts_csv_with_a_bom_finds_the_text_column(tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_text("text,id\nfirst,1\n", encoding="utf-8-sig")
+    assert read_texts(path) == ["first"]
+
+
+# 11. duplicate ids in a table's id column
+
+
+def test_csv_duplicate_id_names_both_lines_and_the_fix(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "id,text,label\n1,a,0\n2,b,1\n1,c,2\n")
+    message = raised_message(path)
+    assert message.startswith(f"{path}:4: duplicate id '1', first used on {path}:2; ")
+    assert message.endswith("give each row its own id or pass --skip-bad-rows to drop bad rows")
+
+
+def test_jsonl_duplicate_id_compares_numbers_and_strings_as_text(tmp_path):
+    records = [{"id": 7, "text": "a", "label": 0}, {"id": "7", "text": "b", "label": 1}]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    with pytest.raises(UserError, match=r"train\.jsonl:2: duplicate id '7', first used on .*train\.jsonl:1"):
+        load_data(str(path))
+
+
+def test_parquet_duplicate_id_names_both_rows(tmp_path):
+    path = tmp_path / "train.parquet"
+    pd.DataFrame({"id": [10, 11, 10], "text": ["a", "b", "c"], "label": [0, 1, 2]}).to_parquet(path)
+    with pytest.raises(UserError, match=r"train\.parquet row 3: duplicate id 10, first used on .*train\.parquet row 1"):
+        load_data(str(path))
+
+
+def test_skip_bad_rows_keeps_the_first_row_of_each_id(tmp_path, caplog):
+    path = write_csv(tmp_path / "train.csv", "id,text,label\n1,a,0\n2,b,1\n1,c,2\n2,d,2\n3,e,0\n")
+    with caplog.at_level(logging.WARNING, logger="doratweet.data"):
+        split = load_data(str(path), skip_bad_rows=True)["train"]
+    assert (split.texts, split.labels) == (["a", "b", "e"], [0, 1, 0])
+    assert "skipped 2 bad rows in train (first: " in caplog.text
+    assert "train.csv:4: duplicate id '1'" in caplog.text
+
+
+def test_a_skipped_bad_row_does_not_claim_its_id(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "id,text,label\n1,,0\n1,b,1\n")
+    split = load_data(str(path), skip_bad_rows=True)["train"]
+    assert (split.texts, split.labels) == (["b"], [1])
+
+
+def test_blank_ids_are_not_duplicates(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "id,text,label\n,a,0\n,b,1\n")
+    assert load_data(str(path))["train"].texts == ["a", "b"]
+
+
+def test_id_column_can_be_renamed_or_turned_off(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "tweet_id,text,label\n5,a,0\n5,b,1\n")
+    assert load_data(str(path))["train"].texts == ["a", "b"]  # no "id" column: nothing to check
+    with pytest.raises(UserError, match=r"train\.csv:3: duplicate id '5'"):
+        load_data(str(path), id_column="tweet_id")
+    assert len(load_data(str(path), id_column=None)["train"]) == 2
+
+
+def test_tweeteval_line_numbers_are_not_ids(tmp_path):
+    folder = write_tweeteval(tmp_path, {"train": ("same\nsame\n", "0\n0\n")})
+    assert load_data(str(folder))["train"].texts == ["same", "same"]
+
+
+# every messy case: the message is one line
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("train.csv", b""),
+        ("train.csv", b"text,label\nx,0\n" + b"y" * 200_000 + b",1\n"),
+        ("train.csv", b'text,label\n"open,0\nmore\n'),
+        ("train.csv", b"id,text,label\n1,a,0\n1,b,1\n"),
+        ("train.csv", b"text,label\r\nok,1\r\nbad,\r\n"),
+        ("train.jsonl", b'{"text": "a\\nb", "label": "bad\\nlabel"}\n'),
+        ("train.jsonl", b"\xef\xbb\xbf\xff\n"),
+    ],
+)
+def test_messy_file_errors_are_one_line(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    message = raised_message(path)
+    assert "\n" not in message and "\r" not in message
+    assert name in message

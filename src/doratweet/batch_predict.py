@@ -21,6 +21,7 @@ from itertools import islice
 from pathlib import Path
 
 from . import LABELS
+from .data import MAX_TEXT_CHARS
 from .errors import UserError
 
 log = logging.getLogger("doratweet")
@@ -81,9 +82,13 @@ def _checked_text(where: str, value) -> str:
         missing = value is None or (isinstance(value, float) and value != value)
         raise UserError(f"{where}: {'empty text' if missing else f'text is not a string: {value!r}'}; "
                         "fix or remove that row")
-    if not value.strip():
+    text = value.strip()
+    if not text:
         raise UserError(f"{where}: empty text; fix or remove that row")
-    return value.strip()
+    if len(text) > MAX_TEXT_CHARS:
+        raise UserError(f"{where}: text is {len(text):,} characters, over the {MAX_TEXT_CHARS:,} allowed "
+                        "(a tweet has at most 280); shorten it or remove that row")
+    return text
 
 
 def _txt_rows(path: Path) -> Iterator[InputRow]:
@@ -125,6 +130,7 @@ def _csv_rows(path: Path, text_column: str, id_column: str | None) -> Iterator[I
             for offset, (text, row_id) in enumerate(zip(chunk[text_column].tolist(), ids)):
                 # The header is line 1, so data row i (0-based) is on line i + 2 (without quoted newlines).
                 where = f"{path}:{first_row + offset + 2}"
+                text = text.replace("\r\n", "\n")  # a quoted text from a Windows file, read as data.py reads it
                 yield InputRow(where, _checked_text(where, text), row_id)
             first_row += len(chunk)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:

@@ -9,12 +9,23 @@ Accepted specs, tried in this order:
 
 `--data` left out means `$DORATWEET_DATA`, else `tweet_eval`. Labels are ids into `LABELS` (0 negative,
 1 neutral, 2 positive); files may also spell them as names. Every text is stripped, as the Hugging Face
-loader does. A bad row stops loading with `file:line: problem`, unless `skip_bad_rows` is set: then bad
-rows are dropped and counted in one warning per split, so nothing disappears silently.
+loader does. A bad row stops loading with `file:line: problem; fix`, unless `skip_bad_rows` is set: then
+bad rows are dropped and counted in one warning per split, so nothing disappears silently.
+
+What counts as a bad row: an empty text, a text over MAX_TEXT_CHARS, an unknown label, a malformed JSON
+line, a CSV row with more fields than its header, and a repeated value in a table's id column (the first
+row with that id is the one kept). Problems with a whole file stop loading whatever the option says: a
+missing or empty file, a missing column, bytes that are not UTF-8 (a file in another encoding; dropping its
+non-ASCII rows would bias the data), TweetEval text and label files of different lengths.
+
+Files are read as UTF-8; a byte-order mark at the start is ignored and '\\r\\n' is read as '\\n'. In .txt and
+JSON Lines files only '\\n' ends a line, so a lone '\\r' stays inside its tweet. CSV has its own rule, the
+one Excel, pandas and Python's csv follow: outside quotes, '\\r' ends a row too; line numbers count it.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import logging
@@ -23,6 +34,7 @@ import numbers
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from itertools import repeat
 from pathlib import Path
 
 import pandas as pd
@@ -40,7 +52,10 @@ TABLE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 # The official layout calls the validation split "val".
 _TWEETEVAL_PREFIXES = {"train": "train", "validation": "val", "test": "test"}
 _ACCEPTED_LABELS = "0, 1, 2, " + ", ".join(LABELS)
-_SKIP_HINT = "fix the row or pass --skip-bad-rows to drop bad rows"
+_SKIP_HINT = "or pass --skip-bad-rows to drop bad rows"
+# A tweet has at most 280 characters. A text far longer is a broken row (an unclosed quote, a document
+# pasted into one cell) and would become one giant training sequence, so it is a bad row, not data.
+MAX_TEXT_CHARS = 5_000
 
 
 @dataclass(frozen=True)
@@ -83,15 +98,19 @@ def load_data(
     *,
     text_column: str = "text",
     label_column: str = "label",
+    id_column: str | None = "id",
     skip_bad_rows: bool = False,
 ) -> dict[str, Split]:
-    """All splits that `spec` provides, keyed by split name, in train/validation/test order."""
+    """All splits that `spec` provides, keyed by split name, in train/validation/test order.
+
+    A table with an `id_column` must not repeat an id; None turns that check off.
+    """
     from_env = spec is None and bool(os.environ.get("DORATWEET_DATA"))
     option = "DORATWEET_DATA" if from_env else "--data"
     spec = resolve_data_spec(spec)
     if not spec.strip():
         raise UserError(f"{option} is empty; pass a data path, or leave it out to use {DEFAULT_DATA}")
-    options = dict(text_column=text_column, label_column=label_column, skip_bad_rows=skip_bad_rows)
+    options = dict(text_column=text_column, label_column=label_column, id_column=id_column, skip_bad_rows=skip_bad_rows)
 
     if spec in (DEFAULT_DATA, HUB_ID):
         splits = _load_hub(skip_bad_rows)
@@ -127,21 +146,18 @@ def load_split(spec: str | None, split: str, **load_options) -> Split:
 def read_texts(path, text_column: str = "text") -> list[str]:
     """Texts to classify: a .txt file (one per line, no blank lines) or a table with a `text_column`."""
     path = _existing_path(path, "input file")
+    bad_rows = _BadRows(skip=False, hint="or remove it")
     if path.suffix.lower() == ".txt":
-        texts = []
+        rows = []
         for line_number, line in enumerate(_read_lines(path), start=1):
             if not line.strip():
                 raise UserError(f"{path}:{line_number}: blank line; put one text per line and remove blank lines")
-            texts.append(line.strip())
+            rows.append((f"{path}:{line_number}", line))
     else:
-        columns, rows = _read_table(path, _BadRows(skip=False, hint="fix or remove that line"))
+        columns, records = _read_table(path, bad_rows)
         _require_column(path, columns, text_column, "--text-column")
-        texts = []
-        for where, record in rows:
-            problem = _text_problem(record.get(text_column))
-            if problem:
-                raise UserError(f"{where}: {problem}; fix or remove that row")
-            texts.append(record[text_column].strip())
+        rows = [(where, record.get(text_column)) for where, record in records]
+    texts = [_good_text(where, value, bad_rows) for where, value in rows]  # never None: bad_rows raises
     if not texts:
         raise UserError(f"{path}: no texts to classify; put one text per line (.txt) or one per row")
     return texts
@@ -151,14 +167,17 @@ def read_texts(path, text_column: str = "text") -> list[str]:
 
 
 class _BadRows:
+    """Each message is `where: problem; fix hint`: the fix belongs to the problem, the hint (the way out
+    with --skip-bad-rows, or "or remove it") to the caller."""
+
     def __init__(self, skip: bool, hint: str = _SKIP_HINT):
         self.skip = skip
         self.hint = hint
         self.problems: list[str] = []
 
-    def add(self, where: str, problem: str) -> None:
+    def add(self, where: str, problem: str, fix: str = "fix the row") -> None:
         if not self.skip:
-            raise UserError(f"{where}: {problem}; {self.hint}")
+            raise UserError(f"{where}: {problem}; {fix} {self.hint}")
         self.problems.append(f"{where}: {problem}")
 
     def log_summary(self, split_name: str) -> None:
@@ -171,22 +190,47 @@ class _BadRows:
 
 
 def _keep_good_rows(
-    rows: Iterable[tuple[str, object, str, object]], bad_rows: _BadRows
+    rows: Iterable[tuple[str, object, str, object, object]], bad_rows: _BadRows
 ) -> tuple[list[str], list[int]]:
-    """Stripped texts and label ids from (text_where, text, label_where, label) rows; bad rows go to `bad_rows`."""
+    """Stripped texts and label ids from (text_where, text, label_where, label, row_id) rows.
+
+    Bad rows go to `bad_rows`. `row_id` is None where the source has no id column; an id already seen on a
+    good row makes a bad row, so skipping keeps the first row with each id.
+    """
     texts, labels = [], []
-    for text_where, raw_text, label_where, raw_label in rows:
-        text_problem = _text_problem(raw_text)
-        if text_problem:
-            bad_rows.add(text_where, text_problem)
+    where_id_was_seen: dict[str, str] = {}
+    for text_where, raw_text, label_where, raw_label, row_id in rows:
+        text = _good_text(text_where, raw_text, bad_rows)
+        if text is None:
             continue
         label = _label_id(raw_label)
         if label is None:
             bad_rows.add(label_where, _label_problem(raw_label))
             continue
-        texts.append(raw_text.strip())
+        id_key = _id_key(row_id)
+        if id_key in where_id_was_seen:
+            first = where_id_was_seen[id_key]
+            bad_rows.add(text_where, f"duplicate id {row_id!r}, first used on {first}", fix="give each row its own id")
+            continue
+        if id_key is not None:
+            where_id_was_seen[id_key] = text_where
+        texts.append(text)
         labels.append(label)
     return texts, labels
+
+
+def _good_text(where: str, value, bad_rows: _BadRows) -> str | None:
+    """`value` stripped, or None once `bad_rows` has been told what is wrong with it."""
+    problem = _text_problem(value)
+    if problem:
+        bad_rows.add(where, problem)
+        return None
+    text = value.strip()
+    if len(text) > MAX_TEXT_CHARS:
+        too_long = f"text is {len(text):,} characters, over the {MAX_TEXT_CHARS:,} allowed (a tweet has at most 280)"
+        bad_rows.add(where, too_long, fix="shorten it")
+        return None
+    return text
 
 
 def _is_missing(value) -> bool:
@@ -199,6 +243,13 @@ def _text_problem(value) -> str | None:
     if not isinstance(value, str):
         return f"text is not a string: {value!r}"
     return None
+
+
+def _id_key(value) -> str | None:
+    """Ids compare as text, so 7 and "7" are one id; a missing or blank id is never a duplicate."""
+    if _is_missing(value):
+        return None
+    return str(value).strip() or None
 
 
 def _label_id(value) -> int | None:
@@ -254,7 +305,7 @@ def _load_hub(skip_bad_rows: bool) -> list[Split]:
         name = canonical_split_name(hub_split)
         where = [f"{source} {hub_split} row {index}" for index in range(1, len(dataset) + 1)]
         bad_rows = _BadRows(skip_bad_rows)
-        rows = zip(where, dataset["text"], where, dataset["label"])
+        rows = zip(where, dataset["text"], where, dataset["label"], repeat(None))
         texts, labels = _keep_good_rows(rows, bad_rows)
         splits.append(_make_split(name, texts, labels, source, bad_rows))
     return splits
@@ -263,7 +314,9 @@ def _load_hub(skip_bad_rows: bool) -> list[Split]:
 # --- folders ------------------------------------------------------------------------------------------
 
 
-def _load_folder(folder: Path, *, text_column: str, label_column: str, skip_bad_rows: bool) -> list[Split]:
+def _load_folder(
+    folder: Path, *, text_column: str, label_column: str, id_column: str | None, skip_bad_rows: bool
+) -> list[Split]:
     """A TweetEval layout or a folder of train/validation/test files; a mix of both is ambiguous."""
     split_files = _split_files(folder)
     if _has_tweeteval_files(folder):
@@ -272,7 +325,8 @@ def _load_folder(folder: Path, *, text_column: str, label_column: str, skip_bad_
             raise UserError(f"{folder}: holds TweetEval *_text.txt files and split files ({names}); keep one layout")
         return _load_tweeteval_folder(folder, skip_bad_rows)
     if split_files:
-        options = dict(text_column=text_column, label_column=label_column, skip_bad_rows=skip_bad_rows)
+        options = dict(text_column=text_column, label_column=label_column, id_column=id_column,
+                       skip_bad_rows=skip_bad_rows)
         return [_load_table(path, name, **options) for name, path in split_files.items()]
     raise UserError(
         f"{folder}: no data files; expected TweetEval files ({{train,val,test}}_text.txt with "
@@ -304,19 +358,30 @@ def _load_tweeteval_folder(folder: Path, skip_bad_rows: bool) -> list[Split]:
 
         text_lines, label_lines = _read_lines(text_path), _read_lines(label_path)
         if len(text_lines) != len(label_lines):
-            raise UserError(
-                f"{text_path} has {len(text_lines)} lines but {label_path} has {len(label_lines)}; "
-                f"each text line needs exactly one label line"
-            )
+            raise _line_count_mismatch(text_path, text_lines, label_path, label_lines)
         line_numbers = range(1, len(text_lines) + 1)
         rows = (
-            (f"{text_path}:{n}", text, f"{label_path}:{n}", label)
+            (f"{text_path}:{n}", text, f"{label_path}:{n}", label, None)
             for n, text, label in zip(line_numbers, text_lines, label_lines)
         )
         bad_rows = _BadRows(skip_bad_rows)
         texts, labels = _keep_good_rows(rows, bad_rows)
         splits.append(_make_split(name, texts, labels, f"{text_path} + {label_path.name}", bad_rows))
     return splits
+
+
+def _line_count_mismatch(text_path: Path, text_lines: list[str], label_path: Path, label_lines: list[str]) -> UserError:
+    (short_path, short_lines), (long_path, _) = sorted(
+        [(text_path, text_lines), (label_path, label_lines)], key=lambda pair: len(pair[1])
+    )
+    message = (
+        f"{text_path} has {len(text_lines)} lines but {label_path} has {len(label_lines)}; each text line needs "
+        f"exactly one label line (the first line without a partner is {long_path.name}:{len(short_lines) + 1})"
+    )
+    if any("\r" in line for line in short_lines):
+        # Old Mac files end lines with a lone '\r', which is not a line break here (see the module docstring).
+        message += f"; {short_path.name} holds lone \\r characters: if they end lines, save it with \\n line endings"
+    return UserError(message)
 
 
 def _check_mapping(path: Path) -> None:
@@ -377,12 +442,17 @@ def _split_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _load_table(path: Path, name: str, *, text_column: str, label_column: str, skip_bad_rows: bool) -> Split:
+def _load_table(
+    path: Path, name: str, *, text_column: str, label_column: str, id_column: str | None, skip_bad_rows: bool
+) -> Split:
     bad_rows = _BadRows(skip_bad_rows)
-    columns, rows = _read_table(path, bad_rows)
+    columns, records = _read_table(path, bad_rows)
     _require_column(path, columns, text_column, "--text-column")
     _require_column(path, columns, label_column, "--label-column")
-    rows = ((where, record.get(text_column), where, record.get(label_column)) for where, record in rows)
+    rows = (
+        (where, record.get(text_column), where, record.get(label_column), record.get(id_column) if id_column else None)
+        for where, record in records
+    )
     texts, labels = _keep_good_rows(rows, bad_rows)
     return _make_split(name, texts, labels, str(path), bad_rows)
 
@@ -391,7 +461,7 @@ def _read_table(path: Path, bad_rows: _BadRows) -> tuple[list[str], list[tuple[s
     """(column names, rows) of a table file; each row is (where, record), `where` naming file and line."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return _read_csv(path)
+        return _read_csv(path, bad_rows)
     if suffix in (".jsonl", ".json"):
         return _read_jsonl(path, bad_rows)
     if suffix == ".parquet":
@@ -402,19 +472,44 @@ def _read_table(path: Path, bad_rows: _BadRows) -> tuple[list[str], list[tuple[s
     )
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
-    # dtype=str and no NA parsing: an empty cell stays "" (reported as empty text), "NA" stays a tweet.
+def _read_csv(path: Path, bad_rows: _BadRows) -> tuple[list[str], list[tuple[str, dict]]]:
+    """Python's csv rather than pandas: it says where each row starts (a quoted text may span lines), keeps
+    every cell a string ("NA" stays a tweet, an empty cell stays "") and keeps going after a bad row."""
+    text = _read_text(path)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    rows = []
+    start = 1  # the line the next row starts on
+    # csv refuses cells over 128 KiB; a giant text must reach the length check (and --skip-bad-rows) instead.
+    field_size_limit = csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     try:
-        frame = pd.read_csv(io.StringIO(_read_text(path)), dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        reason = str(error).strip().splitlines()[0]
-        raise UserError(f"{path}: not a readable CSV ({reason}); use a header row and quote texts that contain commas")
-    if not isinstance(frame.index, pd.RangeIndex):
-        # pandas silently turns the first column into an index when the first data row has an extra field.
-        raise UserError(f"{path}:2: more fields than the header has columns; quote texts that contain commas")
-    # The header is line 1, so data row i (0-based) is on line i + 2.
-    rows = [(f"{path}:{index + 2}", record) for index, record in enumerate(frame.to_dict("records"))]
-    return [str(column) for column in frame.columns], rows
+        for fields in reader:
+            where, start = f"{path}:{start}", reader.line_num + 1
+            if not fields:
+                continue  # a blank line
+            if header is None:
+                header = _csv_header(where, fields)
+            elif len(fields) > len(header):
+                problem = f"more fields than the header has columns ({len(fields)}, not {len(header)})"
+                bad_rows.add(where, problem, fix="quote texts that contain commas")
+            else:
+                # A short row reads as empty cells, as in pandas: a missing text or label is reported as such.
+                rows.append((where, dict(zip(header, fields + [""] * (len(header) - len(fields))))))
+    except csv.Error as error:
+        raise UserError(
+            f"{path}:{start}: not valid CSV ({error}); check the quotes: put a text that holds commas, quotes or "
+            f"line breaks in double quotes, and double each quote inside it"
+        ) from None
+    finally:
+        csv.field_size_limit(field_size_limit)
+    return header or [], rows
+
+
+def _csv_header(where: str, names: list[str]) -> list[str]:
+    repeated = [name for index, name in enumerate(names) if name in names[:index]]
+    if repeated:
+        raise UserError(f"{where}: column {repeated[0]!r} appears twice in the header; rename or remove one of them")
+    return names
 
 
 def _read_jsonl(path: Path, bad_rows: _BadRows) -> tuple[list[str], list[tuple[str, dict]]]:
@@ -438,6 +533,8 @@ def _read_jsonl(path: Path, bad_rows: _BadRows) -> tuple[list[str], list[tuple[s
 
 
 def _read_parquet(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
+    if path.stat().st_size == 0:
+        raise _empty_file(path)
     try:
         frame = pd.read_parquet(path)
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
@@ -464,8 +561,13 @@ def _existing_path(path, what: str) -> Path:
     return path
 
 
+def _empty_file(path: Path) -> UserError:
+    return UserError(f"{path}: the file is empty (or holds only whitespace); fill it, or pass the file you meant")
+
+
 def _read_text(path: Path) -> str:
-    """The file decoded as UTF-8; an undecodable byte is reported with its line."""
+    """The file decoded as UTF-8, without a byte-order mark and with '\\r\\n' read as '\\n'; an undecodable
+    byte is reported with its line, and an empty file is an error rather than an empty split."""
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -477,7 +579,10 @@ def _read_text(path: Path) -> str:
         raise UserError(
             f"{path}:{line_number}: not valid UTF-8 (byte 0x{data[error.start]:02x}); re-save the file as UTF-8"
         )
-    return text.removeprefix("\ufeff")
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n")
+    if not text.strip():
+        raise _empty_file(path)
+    return text
 
 
 def _read_lines(path: Path) -> list[str]:
