@@ -10,6 +10,10 @@ Routes:
 With an API key, every route that touches the model or the run's files (`/v1/*`, `/report/plots/*`) needs
 `Authorization: Bearer KEY` or `X-API-Key: KEY`. The two pages themselves are static HTML with no data in
 them (a browser cannot send a header when following a link); their JavaScript sends the key typed into them.
+
+Every error is `{"detail": "one line"}` with a status the OpenAPI schema declares for that route, and the
+schema states the app's real limits (`maxItems`, `maxLength`) and, with a key, its two security schemes:
+tests/test_serve_fuzz.py fuzzes the app against its own schema.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ import hmac
 import re
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import Depends, FastAPI, HTTPException, Request, Security
+from fastapi import Path as UrlPath  # pathlib's Path is the one this module means by Path
+from fastapi.responses import FileResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from .. import LABELS, __version__
 from ..report import ADAPTER_DIR, METRICS_FILE, PLOTS_DIR, README_FILE, STAGES, result
@@ -31,6 +38,10 @@ from .batching import DynamicBatcher, QueueFull
 STATIC_DIR = Path(__file__).parent / "static"
 PLOT_NAME = re.compile(r"[A-Za-z0-9_-]+\.png")  # no separators, no dots but the suffix: no way out of plots/
 RETRY_AFTER_SECONDS = 1
+UTF8_BOM = b"\xef\xbb\xbf"
+# The two ways to send the key; the schema declares them (on the routes they guard) only when there is a key.
+BEARER_SCHEME = HTTPBearer(auto_error=False, description="`Authorization: Bearer KEY`")
+HEADER_SCHEME = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: KEY`")
 METRIC_NAMES = ("macro_f1", "macro_recall", "accuracy", "macro_f1_4class", "unparsed", "n")
 
 
@@ -47,6 +58,16 @@ class Prediction(BaseModel):
 
 class ClassifyResponse(BaseModel):
     results: list[Prediction]
+
+
+class ErrorMessage(BaseModel):
+    detail: str = Field(description="what was wrong and what to send instead, in one line")
+
+
+def error_response(description: str, **headers: str) -> dict:
+    """An OpenAPI response entry for an error: its JSON body and the headers it always carries."""
+    return {"model": ErrorMessage, "description": description,
+            "headers": {name: {"description": text, "schema": {"type": "string"}} for name, text in headers.items()}}
 
 
 def create_app(
@@ -74,6 +95,10 @@ def create_app(
     # A generous bound on a valid body (every text at its longest, 4 bytes per character, JSON escaping),
     # checked before the body is parsed so a huge upload is refused without being read into memory.
     max_body_bytes = max_texts * (max_chars * 12 + 8) + 1024
+    # The request schema carries this app's limits, so a client (or a fuzzer) knows which bodies are valid.
+    classify_schema = ClassifyRequest.model_json_schema()
+    classify_schema["properties"]["texts"]["maxItems"] = max_texts
+    classify_schema["properties"]["texts"]["items"]["maxLength"] = max_chars
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -86,43 +111,41 @@ def create_app(
     app.state.limits = {"max_texts": max_texts, "max_chars": max_chars, "max_batch": max_batch,
                         "max_wait_ms": max_wait_ms, "queue_size": queue_size}
 
-    def require_key(request: Request) -> None:
-        if api_key is None:
-            return
-        bearer = request.headers.get("authorization", "")
-        given = bearer[7:].strip() if bearer[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
+    # Header values arrive decoded as latin-1; encoded back they are the bytes the client sent. A non-ASCII key
+    # comes as its latin-1 bytes from browsers and `requests`, as its UTF-8 bytes from curl: both are the key.
+    key_forms = {api_key.encode(), *latin1_bytes(api_key)} if api_key else set()
+
+    def require_key(bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER_SCHEME)],
+                    header_key: Annotated[str | None, Security(HEADER_SCHEME)]) -> None:
+        sent = (bearer.credentials if bearer else header_key or "").encode("latin-1")
+        if not any(hmac.compare_digest(sent, form) for form in key_forms):
             raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    @app.middleware("http")
-    async def refuse_oversized_bodies(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_body_bytes:
-            return JSONResponse({"detail": f"request body over {max_body_bytes} bytes; send at most {max_texts} "
-                                 f"texts of at most {max_chars} characters"}, status_code=413)
-        return await call_next(request)
+    guarded = [Depends(require_key)] if api_key else []  # an empty key is no key, as run_server's warning says
+    unauthorized = ({401: error_response("API key missing or wrong", **{"WWW-Authenticate": "always `Bearer`"})}
+                    if guarded else {})
 
-    @app.post("/v1/classify", response_model=ClassifyResponse, dependencies=[Depends(require_key)],
-              responses={401: {"description": "API key missing or wrong"},
-                         413: {"description": "too many texts, or a text too long"},
-                         422: {"description": "malformed JSON, or not {\"texts\": [string, ...]}"},
-                         503: {"description": "queue full; retry after the Retry-After header's seconds"}})
-    async def classify(body: ClassifyRequest) -> ClassifyResponse:
+    @app.post("/v1/classify", response_model=ClassifyResponse, dependencies=guarded,
+              openapi_extra={"requestBody": {"required": True,
+                                             "content": {"application/json": {"schema": classify_schema}}}},
+              responses={**unauthorized,
+                         413: error_response(f"more than {max_texts} texts, a text over {max_chars} characters, "
+                                             "or a body larger than any valid request"),
+                         422: error_response("not JSON, or not {\"texts\": [string, ...]}"),
+                         503: error_response("queue full; retry after the Retry-After header's seconds",
+                                             **{"Retry-After": "seconds to wait before retrying"})})
+    async def classify(request: Request) -> ClassifyResponse:
         """Label each text; results come in the order of `texts`."""
-        if len(body.texts) > max_texts:
-            raise HTTPException(413, f"{len(body.texts)} texts; send at most {max_texts} per request")
-        for index, text in enumerate(body.texts):
-            if len(text) > max_chars:
-                raise HTTPException(413, f"texts[{index}] has {len(text)} characters; the limit is {max_chars}")
+        texts = await read_texts(request, max_body_bytes, max_texts, max_chars)
         try:
-            probabilities = await batcher.classify(body.texts)
+            probabilities = await batcher.classify(texts)
         except QueueFull:
             raise HTTPException(503, "server busy: too many requests waiting; retry shortly",
                                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         return ClassifyResponse(results=[Prediction(label=max(p, key=p.get), probabilities=p) for p in probabilities])
 
-    @app.get("/v1/model", dependencies=[Depends(require_key)])
+    @app.get("/v1/model", dependencies=guarded, responses=unauthorized)
     async def model_info() -> dict:
         """The base model, the adapter, the serving limits and, for a run folder, its test metrics."""
         return {"base_model_id": classifier.base_model_id, "adapter": str(adapter_dir) if adapter_dir else None,
@@ -134,8 +157,12 @@ def create_app(
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/report/plots/{name}", dependencies=[Depends(require_key)])
-    async def plot(name: str) -> FileResponse:
+    @app.get("/report/plots/{name}", dependencies=guarded, response_class=FileResponse,
+             responses={200: {"description": "the plot", "content": {"image/png": {"schema": {"type": "string",
+                                                                                         "format": "binary"}}}},
+                        **unauthorized, 404: error_response("no plot of that name in the run's plots/")})
+    async def plot(name: Annotated[str, UrlPath(description="a name in /v1/model's `plots`",
+                                                examples=["confusion_after.png"])]) -> FileResponse:
         # Only names listed in plots/ are served: the name is matched, never joined into a path unchecked.
         if not PLOT_NAME.fullmatch(name) or name not in plot_names(run_dir):
             raise HTTPException(404, f"no plot {name!r}")
@@ -152,10 +179,63 @@ def create_app(
     @app.get("/ui/config", include_in_schema=False)
     async def page_config() -> dict:
         """What the pages need before they have a key: whether to show the key field."""
-        return {"api_key_required": api_key is not None, "max_texts": max_texts, "max_chars": max_chars}
+        return {"api_key_required": bool(api_key), "max_texts": max_texts, "max_chars": max_chars}
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def latin1_bytes(text: str) -> list[bytes]:
+    try:
+        return [text.encode("latin-1")]
+    except UnicodeEncodeError:  # no client can send it as latin-1 either
+        return []
+
+
+async def read_texts(request: Request, max_bytes: int, max_texts: int, max_chars: int) -> list[str]:
+    """The texts of a /v1/classify body, else HTTP 413 (too much) or 422 (anything not {"texts": [string, ...]}).
+
+    The body is read in chunks and refused once past `max_bytes`: a chunked upload has no Content-Length to
+    check first. Pydantic's own JSON parser rejects what `json.loads` lets through to fail later: lone
+    surrogates (`"\\ud800"`, which no tokenizer can encode), NaN and Infinity, nesting past its recursion limit.
+    """
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        # As FastAPI does: a form or text/plain post (which browsers send cross-site without asking) is refused.
+        raise HTTPException(422, f"Content-Type {media_type or 'missing'}: send the body as application/json")
+    too_large = HTTPException(413, f"request body over {max_bytes} bytes; send at most {max_texts} texts of at "
+                                   f"most {max_chars} characters")
+    try:
+        declared = int(request.headers.get("content-length", "0"))
+    except ValueError:  # not a number ('²' passes str.isdigit, not int()): the count of bytes read still holds
+        declared = 0
+    if declared > max_bytes:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_large
+    try:
+        texts = ClassifyRequest.model_validate_json(bytes(body).removeprefix(UTF8_BOM)).texts
+    except ValidationError as error:
+        raise HTTPException(422, validation_message(error)) from None
+    if len(texts) > max_texts:
+        raise HTTPException(413, f"{len(texts)} texts; send at most {max_texts} per request")
+    for index, text in enumerate(texts):
+        if len(text) > max_chars:
+            raise HTTPException(413, f"texts[{index}] has {len(text)} characters; the limit is {max_chars}")
+    return texts
+
+
+def validation_message(error: ValidationError) -> str:
+    """Pydantic's first complaint as one line naming the place, e.g. `texts[1]: Input should be a valid string`.
+    The input itself is left out: echoing it back could be megabytes, or not even encodable."""
+    problems = error.errors(include_url=False, include_input=False, include_context=False)
+    first = problems[0]
+    place = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{place + ': ' if place else ''}{first['msg']}{more}; send {{\"texts\": [string, ...]}}"
 
 
 def plot_names(run_dir: Path | None) -> list[str]:

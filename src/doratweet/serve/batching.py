@@ -50,7 +50,7 @@ class DynamicBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._getter: asyncio.Task | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="doratweet-forward")
+        self._thread: ThreadPoolExecutor | None = None
 
     def _start(self) -> None:
         # Created on first use inside the running event loop, because asyncio queues and tasks belong to one
@@ -58,6 +58,8 @@ class DynamicBatcher:
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue(maxsize=self.queue_size)
         self._getter = None
+        if self._thread is None:  # first use, or the first after `close` (a server whose lifespan restarts)
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="doratweet-forward")
         self._task = self._loop.create_task(self._run())
 
     async def classify(self, texts: list[str]) -> list[dict]:
@@ -83,7 +85,9 @@ class DynamicBatcher:
         if self._getter is not None:
             self._getter.cancel()
             self._getter = None
-        self._thread.shutdown(wait=False, cancel_futures=True)
+        if self._thread is not None:
+            self._thread.shutdown(wait=False, cancel_futures=True)
+            self._thread = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
