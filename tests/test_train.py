@@ -44,7 +44,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "resumed", max_steps=8, grad_accum=2, on_step=interrupt)
-    assert (tmp_path / "resumed" / "checkpoint" / "trainer.pt").is_file()  # Ctrl-C saved a checkpoint
+    assert (tmp_path / "resumed" / "checkpoint" / "step-00000003" / "state.json").is_file()  # Ctrl-C saved one
     summary, resumed = run(tmp_path, "resumed", resume=True, max_steps=8, grad_accum=2)
     assert summary["steps"] == 8
     assert all(torch.allclose(uninterrupted[k], resumed[k], atol=1e-6) for k in uninterrupted)

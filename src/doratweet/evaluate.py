@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import LABELS
+from .errors import UserError
 from .prompts import PromptFormat
 
 UNPARSED = len(LABELS)  # the label id given to generated answers that name no label
@@ -118,6 +119,11 @@ def score_labels(
             rest = (token_logp * cont_mask.repeat(b, 1)).sum(-1).view(b, n_labels)
             batch_scores = batch_scores + rest
         scores[batch] = batch_scores.double().cpu().numpy()
+    broken = int((~np.isfinite(scores)).any(axis=1).sum())
+    if broken:  # fp16 (and, rarely, bf16) activations can overflow; a NaN label would be silently wrong
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        raise UserError(f"scoring: {broken} of {len(prompts)} tweets got non-finite scores with {dtype} weights "
+                        "(a numerical overflow); use --precision fp32")
     return scores
 
 

@@ -8,6 +8,9 @@ import json
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +23,13 @@ from tqdm.auto import tqdm
 
 from .adapters import DEFAULT_TARGETS, add_adapters, adapter_parameters, get_adapter_config, save_adapter
 from .adapters.inject import adapter_state_dict
+from .checkpoints import (
+    checkpoint_folders,
+    load_latest_checkpoint,
+    optimizer_from_files,
+    optimizer_to_files,
+    save_checkpoint,
+)
 from .data import Split
 from .errors import UserError
 from .hardware import inference_model
@@ -65,14 +75,31 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("batch_size", "grad_accum", "rank"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        if self.lr <= 0:
-            raise UserError(f"--lr {self.lr}: must be positive")
-        if self.epochs <= 0 and not self.max_steps:
-            raise UserError(f"--epochs {self.epochs}: must be positive")
+        """Options a user can get wrong are refused here, before any model is loaded."""
         self.targets = tuple(self.targets)
+        checks = [
+            ("method", self.method in ("dora", "lora"), "choose dora or lora"),
+            ("rank", self.rank >= 1, "must be 1 or more"),
+            ("alpha", math.isfinite(self.alpha) and self.alpha > 0, "must be a positive number"),
+            ("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
+            ("targets", len(self.targets) > 0, "name at least one module, e.g. q_proj,v_proj"),
+            ("epochs", math.isfinite(self.epochs) and self.epochs > 0, "must be positive"),
+            ("lr", math.isfinite(self.lr) and 0 < self.lr < 1, "must be in (0, 1), e.g. 2e-4"),
+            ("batch_size", self.batch_size >= 1, "must be 1 or more"),
+            ("grad_accum", self.grad_accum >= 1, "must be 1 or more"),
+            ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be 1 or more"),
+            ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "must be in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "must be 0 or more"),
+            ("label_smoothing", 0.0 <= self.label_smoothing < 1.0, "must be in [0, 1)"),
+            ("eval_every", self.eval_every >= 0, "must be 0 (only at the end) or more"),
+            ("eval_limit", self.eval_limit is None or self.eval_limit >= 1, "must be 1 or more"),
+            ("save_every", self.save_every >= 0, "must be 0 (only on Ctrl-C) or more"),
+        ]
+        for name, ok, fix in checks:
+            if not ok:
+                value = getattr(self, name)
+                shown = ",".join(value) if isinstance(value, tuple) else value
+                raise UserError(f"--{name.replace('_', '-')} {shown}: {fix}")
 
 
 @dataclass
@@ -82,6 +109,7 @@ class TrainState:
     best_step: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    unlogged_losses: list[float] = field(default_factory=list)  # since the last log line (kept for resume)
 
 
 def encode_split(fmt: PromptFormat, split: Split) -> list[tuple[list[int], list[int]]]:
@@ -193,9 +221,12 @@ def train(
 
     state = TrainState()
     checkpoint = out_dir / CHECKPOINT_DIR
+    log_path = out_dir / LOG_FILE
     if resume:
-        state = _load_checkpoint(checkpoint, model, optimizer, scheduler, config)
-    log_file = (out_dir / LOG_FILE).open("a" if resume else "w")
+        state, log_bytes = _load_checkpoint(checkpoint, model, optimizer, scheduler, config)
+        if log_path.is_file() and log_path.stat().st_size > log_bytes:
+            os.truncate(log_path, log_bytes)  # drop lines logged after the checkpoint: they are redone
+    log_file = log_path.open("a" if resume else "w")
 
     def micro_batches_from(step: int):
         """Micro-batches of every optimizer step from `step` on, across epochs."""
@@ -209,65 +240,88 @@ def train(
             micro = (epoch + 1) * steps_per_epoch * config.grad_accum
             epoch += 1
 
+    def log_line(line: dict) -> None:
+        log_file.write(json.dumps(line) + "\n")
+        log_file.flush()
+
+    def save():
+        _save_checkpoint(checkpoint, model, optimizer, scheduler, state, config, log_file.tell())
+
     def evaluate_and_keep_best():
         if val_prompts is None:
             return
         metrics = validate(model, fmt, val_prompts, val_labels, config.eval_batch_size)
-        line = {"step": state.step, "val_macro_f1": metrics["macro_f1"], "val_macro_recall": metrics["macro_recall"],
-                "val_accuracy": metrics["accuracy"]}
-        log_file.write(json.dumps(line) + "\n")
-        log_file.flush()
+        log_line({"step": state.step, "val_macro_f1": metrics["macro_f1"], "val_macro_recall": metrics["macro_recall"],
+                  "val_accuracy": metrics["accuracy"]})
         if metrics["macro_f1"] > state.best_val_macro_f1:
             state.best_val_macro_f1, state.best_step = metrics["macro_f1"], state.step
             save_adapter(model, out_dir / ADAPTER_DIR, base_model_id=base_model_id)
+
+    def stop_if_not_finite(value: float, what: str):
+        if math.isfinite(value):
+            return
+        kept = _last_checkpoint_note(checkpoint)
+        hint = " (bf16 overflow?)" if use_bf16 else ""
+        raise UserError(f"training stopped at step {state.step + 1}: the {what} became {value}{hint} and the adapter "
+                        f"was not updated with it; {kept}; lower --lr and run again")
 
     model.train()
     source = micro_batches_from(state.step)
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not progress)
     started = time.perf_counter() - state.seconds
-    window_tokens, window_start, window_loss = 0, time.perf_counter(), []
+    window_tokens, window_start, window_loss = 0, time.perf_counter(), state.unlogged_losses
+    updating = False  # True while the weights, optimizer and schedule are between two steps' states
     try:
-        while state.step < total_steps:
-            optimizer.zero_grad(set_to_none=True)
-            for _ in range(config.grad_accum):
-                epoch, batch = next(source)
-                ids, targets, mask = right_pad([examples[i] for i in batch], fmt.tokenizer.pad_token_id, device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = answer_loss(model, ids, targets, mask, prefix, config.label_smoothing)
-                (loss / config.grad_accum).backward()
-                window_loss.append(loss.item())
-                n_tokens = int(mask.sum()) + len(prefix) * len(batch)  # tokens the model was trained on
-                window_tokens += n_tokens
-                state.tokens += n_tokens
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            state.step += 1
-            state.seconds = time.perf_counter() - started
-            bar.update(1)
-            if state.step % config.log_every == 0 or state.step == total_steps:
-                rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                line = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
-                        "loss": float(np.mean(window_loss)), "lr": scheduler.get_last_lr()[0],
-                        "tokens_per_s": round(rate, 1), "elapsed_s": round(state.seconds, 2)}
-                log_file.write(json.dumps(line) + "\n")
-                log_file.flush()
-                bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}", tok_s=f"{rate:.0f}")
-                window_tokens, window_start, window_loss = 0, time.perf_counter(), []
-            if config.eval_every and state.step % config.eval_every == 0 and state.step < total_steps:
-                evaluate_and_keep_best()
-            if config.save_every and state.step % config.save_every == 0:
-                _save_checkpoint(checkpoint, model, optimizer, scheduler, state, config)
-            if on_step is not None:
-                on_step(state.step)
+        with _CtrlC() as ctrl_c:
+            while state.step < total_steps:
+                optimizer.zero_grad(set_to_none=True)
+                step_losses = []
+                for _ in range(config.grad_accum):
+                    epoch, batch = next(source)
+                    ids, targets, mask = right_pad([examples[i] for i in batch], fmt.tokenizer.pad_token_id, device)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        loss = answer_loss(model, ids, targets, mask, prefix, config.label_smoothing)
+                    step_losses.append(loss.item())
+                    stop_if_not_finite(step_losses[-1], "loss")
+                    (loss / config.grad_accum).backward()
+                    n_tokens = int(mask.sum()) + len(prefix) * len(batch)  # tokens the model was trained on
+                    window_tokens += n_tokens
+                    state.tokens += n_tokens
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                stop_if_not_finite(float(grad_norm), "gradient norm")
+                updating = True
+                optimizer.step()
+                scheduler.step()
+                state.step += 1
+                state.seconds = time.perf_counter() - started
+                window_loss.extend(step_losses)
+                updating = False
+                bar.update(1)
+                if state.step % config.log_every == 0 or state.step == total_steps:
+                    rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                    line = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
+                            "loss": float(np.mean(window_loss)), "lr": scheduler.get_last_lr()[0],
+                            "tokens_per_s": round(rate, 1), "elapsed_s": round(state.seconds, 2)}
+                    log_line(line)
+                    bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}", tok_s=f"{rate:.0f}")
+                    window_tokens, window_start, window_loss = 0, time.perf_counter(), []
+                    state.unlogged_losses = window_loss
+                if config.eval_every and state.step % config.eval_every == 0 and state.step < total_steps:
+                    evaluate_and_keep_best()
+                if config.save_every and state.step % config.save_every == 0:
+                    save()
+                if on_step is not None:
+                    on_step(state.step)
+                if ctrl_c.pressed:
+                    raise KeyboardInterrupt
         evaluate_and_keep_best()
     except KeyboardInterrupt:
-        _save_checkpoint(checkpoint, model, optimizer, scheduler, state, config)
+        if not updating:  # between steps the weights, optimizer and schedule agree: safe to resume from
+            save()
+        raise
+    finally:
         bar.close()
         log_file.close()
-        raise
-    bar.close()
-    log_file.close()
     model.eval()
     if val_prompts is None or state.best_step != state.step:
         if val_prompts is None:
@@ -299,45 +353,67 @@ def _load_adapter_weights(model, adapter_dir: Path) -> None:
             tensor.copy_(saved[key])
 
 
-def _save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, config: TrainConfig) -> None:
-    """Everything needed to continue exactly: adapter weights, optimizer, schedule, RNG, progress."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "adapter": adapter_state_dict(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "state": asdict(state),
-            "config": {k: v for k, v in asdict(config).items() if k not in ("eval_every", "save_every", "log_every")},
-            "torch_rng": torch.get_rng_state(),
-        },
-        tmp / "trainer.pt",
-    )
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        os.replace(tmp, folder)
+class _CtrlC:
+    """The first Ctrl-C lets the current step finish (so the checkpoint is exact), the second stops at once."""
+
+    def __init__(self):
+        self.pressed = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        print("\ndoratweet: finishing this step, then saving a checkpoint (Ctrl-C again to stop now)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
-def _load_checkpoint(folder: Path, model, optimizer, scheduler, config: TrainConfig) -> TrainState:
-    file = folder / "trainer.pt"
-    if not file.is_file():
-        raise UserError(f"--resume: no checkpoint at {file}; train without --resume or point --out at the run")
-    saved = torch.load(file, weights_only=False)
-    current = {k: v for k, v in asdict(config).items() if k not in ("eval_every", "save_every", "log_every")}
+def _resume_relevant(config: TrainConfig) -> dict:
+    """The options a resumed run must share with the checkpoint (how often it logs or saves may change)."""
+    values = {k: v for k, v in asdict(config).items() if k not in ("eval_every", "save_every", "log_every")}
+    return json.loads(json.dumps(values))  # as JSON sees it: tuples become lists
+
+
+def _save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, config: TrainConfig,
+                     log_bytes: int) -> None:
+    """Everything needed to continue exactly: adapter weights, optimizer, schedule, RNG, progress, log length."""
+    optimizer_tensors, optimizer_plain = optimizer_to_files(optimizer)
+    tensors = {**{f"adapter.{k}": v for k, v in adapter_state_dict(model).items()}, **optimizer_tensors,
+               "rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_checkpoint(folder, state.step, tensors, {
+        "progress": asdict(state), "config": _resume_relevant(config), "optimizer": optimizer_plain,
+        "scheduler": scheduler.state_dict(), "log_bytes": log_bytes})
+
+
+def _load_checkpoint(folder: Path, model, optimizer, scheduler, config: TrainConfig) -> tuple[TrainState, int]:
+    tensors, saved = load_latest_checkpoint(folder)
+    current = _resume_relevant(config)
     changed = [k for k in current if k in saved["config"] and saved["config"][k] != current[k]]
     if changed:
         raise UserError(f"--resume: options differ from the checkpoint's ({', '.join(changed)}); use the same options")
     with torch.no_grad():
         for key, tensor in adapter_state_dict(model).items():
-            tensor.copy_(saved["adapter"][key])
-    optimizer.load_state_dict(saved["optimizer"])
+            tensor.copy_(tensors[f"adapter.{key}"])
+    optimizer.load_state_dict(optimizer_from_files(tensors, saved["optimizer"]))
     scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["torch_rng"])
-    return TrainState(**saved["state"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return TrainState(**saved["progress"]), saved["log_bytes"]
+
+
+def _last_checkpoint_note(folder: Path) -> str:
+    found = checkpoint_folders(folder)
+    if not found:
+        return "no checkpoint had been saved (see --save-every)"
+    return f"the last good checkpoint, {found[0]}, is kept (continue from it with --resume)"
