@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from . import __version__
@@ -85,12 +87,27 @@ def training_overrides(args) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse prints the whole usage before an error; one line naming the option and where to look reads better."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="doratweet", description="Fine-tune small chat LLMs with DoRA to label "
-                                     "tweet sentiment (negative / neutral / positive).")
+    parser = OneLineErrors(prog="doratweet", description="Fine-tune small chat LLMs with DoRA to label "
+                           "tweet sentiment (negative / neutral / positive).")
     parser.add_argument("--version", action="version", version=f"doratweet {__version__}")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs (default: off)")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (default: off)")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND", parser_class=OneLineErrors)
 
     run = verbs.add_parser("run", help="evaluate, fine-tune with DoRA, evaluate again, write a model card")
     add_model_options(run)
@@ -98,13 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs/latest", help="run folder to write (default: %(default)s)")
     run.add_argument("--preset", choices=["quick", "full"], default=None,
                      help="quick: subsets for a CPU in < 15 min; full: all data (default: full on CUDA, else quick)")
-    run.add_argument("--train-limit", type=int, default=None, help="train on the first N tweets (default: preset's)")
-    run.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test tweets (default: preset's)")
-    run.add_argument("--generate-limit", type=int, default=None,
+    run.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N tweets (default: preset's)")
+    run.add_argument("--test-limit", type=positive_int, default=None, help="evaluate on the first N test tweets (default: preset's)")
+    run.add_argument("--generate-limit", type=positive_int, default=None,
                      help="evaluate generation on the first N of those (default: preset's)")
     run.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder (default: off)")
     run.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (default: off)")
-    run.add_argument("--eval-batch-size", type=int, default=32, help="tweets per evaluation batch (default: %(default)s)")
+    run.add_argument("--eval-batch-size", type=positive_int, default=32, help="tweets per evaluation batch (default: %(default)s)")
     add_precision_option(run)
     add_training_options(run, preset_defaults=True)
 
@@ -112,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(tr)
     add_data_options(tr)
     tr.add_argument("--out", required=True, help="folder for adapter/, checkpoint/ and train_log.jsonl (required)")
-    tr.add_argument("--train-limit", type=int, default=None, help="train on the first N tweets (default: all)")
+    tr.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N tweets (default: all)")
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (default: off)")
     tr.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder (default: off)")
     add_training_options(tr, preset_defaults=False)
@@ -124,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
     ev.add_argument("--mode", choices=["score", "generate"], default="score",
                     help="score: likelihood of each label; generate: parse a free answer (default: %(default)s)")
-    ev.add_argument("--limit", type=int, default=None, help="first N tweets only (default: all)")
-    ev.add_argument("--batch-size", type=int, default=32, help="tweets per batch (default: %(default)s)")
+    ev.add_argument("--limit", type=positive_int, default=None, help="first N tweets only (default: all)")
+    ev.add_argument("--batch-size", type=positive_int, default=32, help="tweets per batch (default: %(default)s)")
     add_precision_option(ev)
     ev.add_argument("--system-prompt", default=None, help="system prompt (default: the adapter's, else the built-in)")
     ev.add_argument("--out", default=None, help="write metrics JSON here, predictions beside it (default: print)")
@@ -146,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "present; '' for none (default: %(default)s)")
     pr.add_argument("--overwrite", action="store_true", help="start --output again instead of resuming a partial "
                     "one or keeping a complete one (default: off)")
-    pr.add_argument("--batch-size", type=int, default=32, help="texts per batch (default: %(default)s)")
+    pr.add_argument("--batch-size", type=positive_int, default=32, help="texts per batch (default: %(default)s)")
     add_precision_option(pr)
 
     rep = verbs.add_parser("report", help="rebuild the model card and plots of a run folder")
@@ -195,14 +212,30 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     for noisy in ("transformers", "datasets", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         return VERBS[args.verb](args) or 0
     except UserError as err:
+        if args.debug:
+            traceback.print_exc()
         print(f"doratweet: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("doratweet: interrupted (a checkpoint was saved where training had started)", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        print("doratweet: interrupted; training runs saved a checkpoint: continue with --resume", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug, or the system (disk full, out of memory): one line unless --debug
+        if args.debug:
+            raise
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        print(f"doratweet: error: {type(err).__name__}: {first_line} (rerun with --debug for the traceback; "
+              "if it is a bug, please report it with that)", file=sys.stderr)
+        return 1
 
 
 def cmd_run(args) -> int:
@@ -254,8 +287,6 @@ def cmd_merge(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import os
-
     from .serve import run_server
 
     for flag, value in (("--max-batch", args.max_batch), ("--max-texts", args.max_texts),

@@ -8,13 +8,13 @@ import tempfile
 from pathlib import Path
 
 from . import LABELS
-from .adapters import load_adapter, merge_adapters, read_adapter_config
+from .adapters import load_adapter, merge_adapters, read_adapter_config, target_module_names
 from .data import load_data, load_split
 from .errors import UserError
 from .evaluate import UNPARSED
 from .hardware import default_device, inference_model
 from .models import EMBEDDED_NAME, load_base_model
-from .pipeline import environment, prepare_out_dir, timed_predictions, write_json, write_label_ids
+from .pipeline import check_out_dir, environment, start_out_dir, timed_predictions, write_json, write_label_ids
 from .predict import (
     SentimentClassifier,
     adapter_folder,
@@ -31,7 +31,7 @@ log = logging.getLogger("doratweet")
 
 def train_command(args, config: TrainConfig, data_options: dict) -> dict:
     out_dir = Path(args.out)
-    prepare_out_dir(out_dir, args.overwrite, args.resume)
+    check_out_dir(out_dir, args.overwrite, args.resume)
     splits = load_data(args.data, **data_options)
     if "train" not in splits:
         raise UserError(f"--data: has no train split (found: {', '.join(splits)})")
@@ -39,6 +39,8 @@ def train_command(args, config: TrainConfig, data_options: dict) -> dict:
     base = load_base_model(model_spec, device=default_device(), trust_remote_code=args.trust_remote_code)
     config.extra = {"system_prompt": args.system_prompt, "model_spec": model_spec, "labels": list(LABELS)}
     fmt = make_prompt_format(base.tokenizer, args.system_prompt)
+    target_module_names(base.model, config.targets)
+    start_out_dir(out_dir, args.overwrite)
     summary = train(base.model, fmt, splits["train"].head(args.train_limit), splits.get("validation"), config, out_dir,
                     resume=args.resume, progress=not args.quiet, base_model_id=base.base_model_id)
     write_json(out_dir / "train_summary.json", summary)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from datetime import date
@@ -18,13 +19,15 @@ from pathlib import Path
 import torch
 
 from . import LABELS, __version__
+from .adapters import target_module_names
+from .checkpoints import checkpoint_folders
 from .data import Split, load_data, resolve_data_spec
 from .errors import UserError
 from .evaluate import Predictions, classification_metrics, predict
 from .models import EMBEDDED_NAME, load_base_model
 from .hardware import default_device, inference_model
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
-from .train import TrainConfig, train
+from .train import CHECKPOINT_DIR, TrainConfig, train
 
 log = logging.getLogger("doratweet")
 
@@ -62,9 +65,10 @@ def training_config(preset: Preset, overrides: dict) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def timed_predictions(model, fmt, split: Split, mode: str, batch_size: int) -> tuple[Predictions, dict]:
+def timed_predictions(model, fmt, split: Split, mode: str, batch_size: int, progress: bool = True
+                      ) -> tuple[Predictions, dict]:
     started = time.perf_counter()
-    predictions = predict(model, fmt, split.texts, mode, batch_size, progress=True)
+    predictions = predict(model, fmt, split.texts, mode, batch_size, progress=progress)
     seconds = time.perf_counter() - started
     metrics = classification_metrics(split.labels, predictions.labels)
     metrics.update(mode=mode, precision=str(next(model.parameters()).dtype).replace("torch.", ""), split=split.name, seconds=round(seconds, 2),
@@ -73,13 +77,13 @@ def timed_predictions(model, fmt, split: Split, mode: str, batch_size: int) -> t
 
 
 def evaluate_both_modes(model, fmt, test: Split, generate_test: Split, batch_size: int, bf16: bool | None,
-                        examples: Split) -> tuple[Predictions, dict, list[int]]:
+                        examples: Split, progress: bool = True) -> tuple[Predictions, dict, list[int]]:
     """Both modes on the test tweets, and the score-mode labels of the card's example tweets."""
     evaluated = inference_model(model, next(model.parameters()).device, bf16)
-    scored, score_metrics = timed_predictions(evaluated, fmt, test, "score", batch_size)
+    scored, score_metrics = timed_predictions(evaluated, fmt, test, "score", batch_size, progress)
     results = {"score": score_metrics}
     if len(generate_test):
-        _, results["generate"] = timed_predictions(evaluated, fmt, generate_test, "generate", batch_size)
+        _, results["generate"] = timed_predictions(evaluated, fmt, generate_test, "generate", batch_size, progress)
     example_labels = predict(evaluated, fmt, examples.texts, "score").labels
     del evaluated
     for mode, m in results.items():
@@ -88,10 +92,24 @@ def evaluate_both_modes(model, fmt, test: Split, generate_test: Split, batch_siz
     return scored, results, example_labels
 
 
-def prepare_out_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:
+def check_out_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse, before anything is loaded or written, an --out that would lose the user's files or cannot resume."""
+    if overwrite and resume:
+        raise UserError("--overwrite and --resume: choose one (start again, or continue the run in --out)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: is a file; choose a folder")
+    if resume and not checkpoint_folders(out_dir / CHECKPOINT_DIR):
+        raise UserError(f"--resume: no checkpoint in {out_dir / CHECKPOINT_DIR}; train without --resume, or point "
+                        "--out at the run (checkpoints are written every --save-every steps and on Ctrl-C)")
     if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume):
         raise UserError(f"--out {out_dir}: the folder exists and is not empty; pass --overwrite or choose another")
+
+
+def start_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Create --out once the inputs are known to be good, so a bad input leaves no half-made folder behind."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:  # an old run's checkpoints would otherwise be taken for this run's by a later --resume
+        shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
 
 
 def write_json(path: Path, value) -> None:
@@ -147,7 +165,7 @@ def run_pipeline(
     config = training_config(preset, training_overrides or {})
     config.eval_limit = config.eval_limit or preset.eval_limit
     config.extra = {"system_prompt": system_prompt, "model_spec": model_spec, "labels": list(LABELS)}
-    prepare_out_dir(out_dir, overwrite, resume)
+    check_out_dir(out_dir, overwrite, resume)
 
     splits = load_data(data_spec, **(data_options or {}))
     for needed in ("train", "test"):
@@ -165,11 +183,13 @@ def run_pipeline(
     log.info("loading base model %s", model_spec)
     base = load_base_model(model_spec, device=device, trust_remote_code=trust_remote_code)
     fmt = make_prompt_format(base.tokenizer, system_prompt)
+    target_module_names(base.model, config.targets)  # an unknown --targets fails now, not after the evaluation
+    start_out_dir(out_dir, overwrite)
     examples_split = splits["train"].head(5)
 
     log.info("before fine-tuning (test split):")
     before_scored, before, examples_before = evaluate_both_modes(
-        base.model, fmt, test, generate_test, batch_size, eval_bf16, examples_split)
+        base.model, fmt, test, generate_test, batch_size, eval_bf16, examples_split, progress)
 
     log.info("fine-tuning: %s", config)
     summary = train(base.model, fmt, train_split, validation, config, out_dir, resume=resume, progress=progress,
@@ -177,7 +197,7 @@ def run_pipeline(
 
     log.info("after fine-tuning (test split):")
     after_scored, after, examples_after = evaluate_both_modes(
-        base.model, fmt, test, generate_test, batch_size, eval_bf16, examples_split)
+        base.model, fmt, test, generate_test, batch_size, eval_bf16, examples_split, progress)
 
     write_label_ids(out_dir / "predictions" / "test_before.txt", before_scored.labels)
     write_label_ids(out_dir / "predictions" / "test_after.txt", after_scored.labels)

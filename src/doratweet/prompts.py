@@ -7,14 +7,27 @@ model's own chat template. The answer is the label word followed by the template
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from . import LABELS
+from .errors import UserError
+
+log = logging.getLogger("doratweet")
 
 DEFAULT_SYSTEM_PROMPT = (
     "You classify the sentiment of tweets. Answer with exactly one word: negative, neutral or positive."
 )
 IGNORE_INDEX = -100  # positions the loss skips (the prompt and padding)
+# For base models without a chat template (plain pretrained LMs): a plain-text layout whose answer ends with the
+# tokenizer's EOS token, so the fine-tuned model still learns to answer with one word and stop.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'Tweet: ' + message['content'] + '\n' }}"
+    "{% else %}{{ 'Sentiment: ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Sentiment:' }}{% endif %}"
+)
 _SENTINEL = "\u2063TWEET\u2063"  # invisible separators: cannot collide with a real template's text
 
 
@@ -54,6 +67,12 @@ class PromptFormat:
 
 
 def make_prompt_format(tokenizer, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> PromptFormat:
+    if not has_chat_template(tokenizer):
+        if tokenizer.eos_token is None:
+            raise UserError("--model: the tokenizer has no chat template and no EOS token, so answers cannot end; "
+                            "use an instruction-tuned model or add a chat template to its tokenizer_config.json")
+        log.warning("the model has no chat template; using doratweet's plain fallback (system prompt, "
+                    "'Tweet: ...', 'Sentiment: <label><eos>'); prediction with this base model uses it too")
     prompt = _render(tokenizer, system_prompt, _SENTINEL, answer=None)
     if prompt.count(_SENTINEL) != 1:
         raise ValueError("the chat template does not insert the user message verbatim")
@@ -62,11 +81,16 @@ def make_prompt_format(tokenizer, system_prompt: str = DEFAULT_SYSTEM_PROMPT) ->
     return PromptFormat(tokenizer, system_prompt, prefix, suffix, answer_ids, end_of_turn_id)
 
 
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def _render(tokenizer, system_prompt: str, user: str, answer: str | None) -> str:
     messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
     if answer is not None:
         messages.append({"role": "assistant", "content": answer})
-    kwargs = dict(tokenize=False, add_generation_prompt=answer is None)
+    template = None if has_chat_template(tokenizer) else FALLBACK_CHAT_TEMPLATE
+    kwargs = dict(tokenize=False, add_generation_prompt=answer is None, chat_template=template)
     try:
         return tokenizer.apply_chat_template(messages, **kwargs)
     except Exception:  # templates without a system role (e.g. Gemma's) raise; fold it into the user turn

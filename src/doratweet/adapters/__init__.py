@@ -15,6 +15,7 @@ from .inject import (
     merge_adapters,
     read_adapter_config,
     save_adapter,
+    target_module_names,
 )
 from .lora import LoRALinear
 
@@ -31,4 +32,5 @@ __all__ = [
     "merge_adapters",
     "read_adapter_config",
     "save_adapter",
+    "target_module_names",
 ]

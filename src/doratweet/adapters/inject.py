@@ -107,7 +107,7 @@ def add_adapters(
         raise UserError(f"--dropout {dropout}: must be in [0, 1)")
     if get_adapter_config(model) is not None:
         raise UserError("this model already has adapters; load a fresh base model")
-    names = _target_module_names(model, targets)
+    names = target_module_names(model, targets)
     wrapper = DoRALinear if method == "dora" else LoRALinear
     for p in model.parameters():
         p.requires_grad_(False)
@@ -208,7 +208,8 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def _target_module_names(model: nn.Module, targets) -> list[str]:
+def target_module_names(model: nn.Module, targets) -> list[str]:
+    """Full names of the linears `targets` selects; a one-line error lists the model's linears when one is unknown."""
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     leaf_names = sorted({name.rsplit(".", 1)[-1] for name in linears})
     if isinstance(targets, str):

@@ -1,0 +1,117 @@
+"""Mistakes on the command line: one line naming the option and the fix, a non-zero exit, nothing written."""
+
+import shutil
+
+import pytest
+from conftest import TWEETS
+
+from doratweet.cli import main
+from doratweet.predict import SentimentClassifier
+
+
+def run_args(model_dir, data_dir, out, *extra):
+    return ["--quiet", "run", "--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
+            "--max-steps", "1", "--rank", "4", "--alpha", "8", "--batch-size", "4", *extra]
+
+
+def exit_code(args) -> int:
+    """What the `doratweet` command exits with: main's return value, or argparse's exit for a malformed option."""
+    try:
+        return main(args)
+    except SystemExit as exit:
+        return exit.code
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("doratweet"), err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--rank", "0", "--rank 0: must be 1 or more"),
+    ("--alpha", "-8", "--alpha -8.0: must be a positive number"),
+    ("--alpha", "nan", "--alpha nan: must be a positive number"),
+    ("--lr", "0", "--lr 0.0: must be in (0, 1)"),
+    ("--lr", "3", "--lr 3.0: must be in (0, 1)"),
+    ("--batch-size", "0", "--batch-size 0: must be 1 or more"),
+    ("--grad-accum", "-1", "--grad-accum -1: must be 1 or more"),
+    ("--dropout", "1.5", "--dropout 1.5: must be in [0, 1)"),
+    ("--epochs", "0", "--epochs 0.0: must be positive"),
+    ("--warmup-ratio", "2", "--warmup-ratio 2.0: must be in [0, 1)"),
+    ("--label-smoothing", "-0.1", "--label-smoothing -0.1: must be in [0, 1)"),
+    ("--method", "ia3", "--method ia3: choose dora or lora"),
+    ("--targets", "q_proj,qkv", "--targets: unknown module name(s) qkv; this model's linear modules are:"),
+    ("--eval-batch-size", "0", "argument --eval-batch-size: must be 1 or more"),
+    ("--train-limit", "-5", "argument --train-limit: must be 1 or more"),
+    ("--rank", "sixteen", "argument --rank: invalid int value: 'sixteen'"),
+    ("--preset", "fastest", "argument --preset: invalid choice: 'fastest'"),
+])
+def test_an_invalid_option_is_one_line_and_writes_nothing(option, value, message, tiny_model_dir, tiny_data_dir,
+                                                          tmp_path, capsys):
+    out = tmp_path / "run"
+    assert exit_code(run_args(tiny_model_dir, tiny_data_dir, out, option, value)) == 2
+    assert message in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_an_existing_out_folder_is_refused_and_kept(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(run_args(tiny_model_dir, tiny_data_dir, out)) == 2
+    assert "the folder exists and is not empty; pass --overwrite" in one_error_line(capsys)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_and_resume_together_are_refused(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    assert main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "run", "--overwrite", "--resume")) == 2
+    assert "--overwrite and --resume: choose one" in one_error_line(capsys)
+
+
+def test_bad_data_leaves_no_out_folder(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    (data / "train_labels.txt").write_text("0\n" * (len(TWEETS) - 1) + "7\n")
+    out = tmp_path / "run"
+    assert main(run_args(tiny_model_dir, data, out)) == 2
+    err = one_error_line(capsys)
+    assert f"train_labels.txt:{len(TWEETS)}: unknown label" in err
+    assert not out.exists()
+
+
+def test_debug_shows_the_traceback(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    assert main(["--debug", *run_args(tiny_model_dir, tiny_data_dir, tmp_path / "run", "--rank", "0")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().endswith("--rank 0: must be 1 or more")
+
+
+def test_an_unexpected_failure_is_one_line_pointing_at_debug(tmp_path, capsys, monkeypatch):
+    import doratweet.report
+
+    def broken(run_dir):
+        raise RuntimeError("disk quota exceeded\nmore details")
+
+    monkeypatch.setattr(doratweet.report, "write_report", broken)
+    assert main(["report", str(tmp_path)]) == 1
+    assert "RuntimeError: disk quota exceeded (rerun with --debug" in one_error_line(capsys)
+
+
+def test_a_model_without_a_chat_template_trains_and_predicts_with_the_plain_fallback(
+        tiny_model_dir, tiny_data_dir, tmp_path, caplog):
+    import json
+
+    model_dir = tmp_path / "plain-model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config_file = model_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("chat_template", None)
+    config_file.write_text(json.dumps(config))
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    caplog.set_level("WARNING")
+    assert main(run_args(model_dir, tiny_data_dir, tmp_path / "run")) == 0
+    assert "has no chat template; using doratweet's plain fallback" in caplog.text
+    classifier = SentimentClassifier.load(tmp_path / "run", model=str(model_dir))
+    assert classifier.prompt_format.suffix == "\nSentiment:"
+    assert len(classifier.predict(["what a lovely day"])) == 1
