@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -307,3 +308,81 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
         os.umask(old)
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert stat.S_IMODE((tmp_path / "a" / name).stat().st_mode) == 0o644, name
+
+
+def test_an_adapter_on_other_weights_of_the_same_shape_is_refused(tmp_path):
+    model, _ = build_tiny_model(seed=0)
+    add_adapters(model, rank=4, alpha=8)
+    save_adapter(model, tmp_path / "a", base_model_id="tiny-seed-0")
+    other, _ = build_tiny_model(seed=1)  # same architecture and shapes, other weights
+    with pytest.raises(UserError, match=r"trained on other base weights \(tiny-seed-0; .* labels would be garbage"):
+        load_adapter(other, tmp_path / "a")
+
+
+def test_an_adapter_loads_on_a_quantised_copy_of_its_base_model(tmp_path):
+    model, _ = build_tiny_model(seed=0)
+    add_adapters(model, rank=4, alpha=8)
+    save_adapter(model, tmp_path / "a")
+    quantised, _ = build_tiny_model(seed=0)
+    with torch.no_grad():  # ~4-bit rounding noise, as between the embedded Q4 GGUF and the original weights
+        for p in quantised.parameters():
+            step = p.abs().max() / 8
+            p.copy_(torch.round(p / step) * step)
+    load_adapter(quantised, tmp_path / "a")
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("r", "16", "r is '16', expected a whole number, 1 or more"),
+    ("r", 0, "r is 0, expected a whole number, 1 or more"),
+    ("lora_alpha", -8, "lora_alpha is -8, expected a positive number"),
+    ("lora_dropout", 2, "lora_dropout is 2, expected a number in [0, 1)"),
+    ("target_modules", [], "target_modules is [], expected a non-empty list of module names"),
+    ("target_modules", None, "target_modules is None, expected a non-empty list of module names"),
+    ("use_dora", "yes", "use_dora is 'yes', expected true or false"),
+])
+def test_a_malformed_adapter_config_names_the_file_and_field(field, value, expected, tmp_path):
+    model, _ = build_tiny_model()
+    add_adapters(model, rank=4, alpha=8)
+    save_adapter(model, tmp_path / "a")
+    config_file = tmp_path / "a" / "adapter_config.json"
+    raw = json.loads(config_file.read_text())
+    raw[field] = value
+    config_file.write_text(json.dumps(raw))
+    fresh, _ = build_tiny_model()
+    with pytest.raises(UserError, match=re.escape(f"{config_file}: {expected}")):
+        load_adapter(fresh, tmp_path / "a")
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object (a PEFT LoraConfig), found list"),
+])
+def test_an_unreadable_adapter_config_is_one_line(content, expected, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(content)
+    model, _ = build_tiny_model()
+    with pytest.raises(UserError, match=re.escape(expected)) as error:
+        load_adapter(model, tmp_path / "a")
+    assert "\n" not in str(error.value)
+
+
+def test_a_truncated_weights_file_is_one_line(tmp_path):
+    model, _ = build_tiny_model()
+    add_adapters(model, rank=4, alpha=8)
+    save_adapter(model, tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    fresh, _ = build_tiny_model()
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        load_adapter(fresh, tmp_path / "a")
+
+
+def test_the_package_never_unpickles():
+    """Only safetensors and JSON are read: no torch.load or pickle anywhere in doratweet."""
+    from pathlib import Path
+
+    import doratweet
+
+    sources = {p: p.read_text() for p in Path(doratweet.__file__).parent.rglob("*.py")}
+    offenders = [str(p) for p, text in sources.items() if re.search(r"torch\.load\(|\bpickle\b|joblib", text)]
+    assert offenders == []

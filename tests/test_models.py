@@ -39,3 +39,19 @@ def test_embedded_model_is_dequantised_once_then_loaded_from_the_cache(tmp_path,
                                               return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
         assert torch.equal(first.model(ids).logits, second.model(ids).logits)
+
+
+def test_a_model_folder_with_its_own_code_is_refused_and_the_code_never_runs(tiny_model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model-with-code"
+    shutil.copytree(tiny_model_dir, folder)
+    marker = tmp_path / "code-ran"
+    (folder / "modeling_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"asks to run the model's own Python code \(modeling_custom.py\).*"
+                                        r"--trust-remote-code"):
+        load_base_model(str(folder))
+    assert not marker.exists()

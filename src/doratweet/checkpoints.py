@@ -1,4 +1,4 @@
-"""Resumable training checkpoints that survive being killed at any moment, and load without pickle.
+"""Resumable training checkpoints that survive being killed at any moment, in plain safetensors + JSON.
 
 A checkpoint is a folder `checkpoint/step-00000012/` with two plain files:
 - `tensors.safetensors`: adapter weights, AdamW moments and the RNG states;
@@ -7,7 +7,7 @@ A checkpoint is a folder `checkpoint/step-00000012/` with two plain files:
 The folder is written under a temporary name and renamed into place, and `state.json` is written last, so a
 checkpoint either exists whole or is recognised as incomplete (missing, unreadable, or a checksum that does not
 match) and skipped in favour of the previous one. The two newest checkpoints are kept for that reason.
-Nothing here uses `torch.load`: a checkpoint someone sends you cannot run code.
+Nothing here unpickles: a checkpoint someone sends you cannot run code when it is read.
 """
 
 from __future__ import annotations

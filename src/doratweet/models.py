@@ -133,12 +133,32 @@ def _load_folder(folder: Path, dtype, trust_remote_code, base_model_id: str | No
     origin = folder / _ORIGIN_FILE
     if base_model_id is None:
         base_model_id = json.loads(origin.read_text())["base_model_id"] if origin.is_file() else str(folder)
+    if not trust_remote_code:
+        _refuse_remote_code(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"--model {folder}: not a loadable model folder ({_first_line(err)})") from err
     return BaseModel(model, tokenizer, base_model_id, str(folder))
+
+
+def _refuse_remote_code(folder: Path) -> None:
+    """A folder whose config maps to its own .py files would run them on load: refuse unless the user opted in
+    (transformers would also refuse, but with a message about the tokenizer or the model type)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        file = folder / name
+        try:
+            auto_map = json.loads(file.read_text()).get("auto_map") if file.is_file() else None
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            continue  # transformers reports a malformed config itself
+        if auto_map:
+            # Values are "module.Class", a list of them (tokenizers: slow, fast), or "repo--module.Class".
+            refs = [r for v in (auto_map.values() if isinstance(auto_map, dict) else [auto_map])
+                    for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+            code = sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs}) or ["auto_map"]
+            raise UserError(f"--model {folder}: {name} asks to run the model's own Python code ({', '.join(code)}); "
+                            "read it, and pass --trust-remote-code only if you trust it")
 
 
 def _load_hub(model_id: str, dtype, trust_remote_code) -> BaseModel:

@@ -46,9 +46,13 @@ class PromptFormat:
         return self.prefix + text + self.suffix
 
     def prompt_ids(self, texts: list[str]) -> list[list[int]]:
-        # The rendered template already holds every special token (BOS included where the template has one).
-        encoded = self.tokenizer([self.prompt_text(t) for t in texts], add_special_tokens=False)
-        return encoded["input_ids"]
+        """Template tokens around each tweet's tokens. The tweet is tokenised on its own with special tokens
+        split into plain text, so a tweet containing `<|im_end|>` cannot end its turn early or forge an answer
+        (for ordinary tweets the ids equal those of the whole rendered prompt: checked on TweetEval's 2,000
+        validation tweets)."""
+        prefix, suffix = self.shared_prefix_ids(), self._suffix_ids()
+        tweets = self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return [prefix + ids + suffix for ids in tweets]
 
     def shared_prefix_ids(self) -> list[int]:
         """Tokens every prompt starts with (the system prompt and the user header).
@@ -57,6 +61,9 @@ class PromptFormat:
         instead of once per tweet; they are about 40% of a SmolLM2 prompt.
         """
         return self.tokenizer(self.prefix, add_special_tokens=False)["input_ids"]
+
+    def _suffix_ids(self) -> list[int]:
+        return self.tokenizer(self.suffix, add_special_tokens=False)["input_ids"]
 
     def stop_ids(self) -> list[int]:
         """Token ids that end an answer: the template's end-of-turn token and the model's EOS."""

@@ -8,6 +8,7 @@ Writing exactly that lets `peft.PeftModel.from_pretrained` and the Hub's tooling
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -72,7 +73,8 @@ class AdapterConfig:
             raise UserError(f"{where}: modules_to_save is not supported (the adapter also trains full modules)")
         if raw.get("bias", "none") != "none" or raw.get("lora_bias"):
             raise UserError(f"{where}: adapters with trained biases are not supported")
-        targets = raw.get("target_modules") or []
+        _check_fields(raw, where)
+        targets = raw["target_modules"]
         return cls(
             method="dora" if raw.get("use_dora") else "lora",
             rank=int(raw["r"]),
@@ -83,6 +85,30 @@ class AdapterConfig:
             base_model_id=raw.get("base_model_name_or_path"),
             extra=raw.get("doratweet") or {},
         )
+
+
+def _check_fields(raw: dict, where: str) -> None:
+    """The fields we read, checked before use: a hand-edited or foreign config gets one line, not a KeyError."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    targets = raw.get("target_modules")
+    checks = [
+        ("r", isinstance(raw.get("r"), int) and not isinstance(raw.get("r"), bool) and raw.get("r") >= 1,
+         "a whole number, 1 or more"),
+        ("lora_alpha", number(raw.get("lora_alpha")) and raw.get("lora_alpha") > 0, "a positive number"),
+        ("lora_dropout", raw.get("lora_dropout") is None or (number(raw["lora_dropout"]) and 0 <= raw["lora_dropout"] < 1),
+         "a number in [0, 1)"),
+        ("target_modules", (isinstance(targets, str) and targets) or (isinstance(targets, list) and targets
+                                                                       and all(isinstance(t, str) for t in targets)),
+         "a non-empty list of module names"),
+        ("use_dora", isinstance(raw.get("use_dora", False), bool), "true or false"),
+        ("doratweet", isinstance(raw.get("doratweet") or {}, dict), "an object"),
+    ]
+    for name, ok, expected in checks:
+        if not ok:
+            raise UserError(f"{where}: {name} is {raw.get(name)!r}, expected {expected}; is it a PEFT LoRA/DoRA adapter "
+                            "config? Re-save the adapter or fix the field")
 
 
 def add_adapters(
@@ -146,6 +172,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_id: str |
     assert config is not None, "save_adapter needs a model with adapters (add_adapters or load_adapter)"
     if base_model_id is not None:
         config.base_model_id = base_model_id
+    config.extra = {**config.extra, "base_fingerprint": base_fingerprint(model)}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
@@ -161,8 +188,10 @@ def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
         raise UserError(f"--adapter {path}: no {CONFIG_FILE} there; pass the folder that holds the adapter")
     try:
         raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{config_file}: not valid JSON (line {err.lineno}: {err.msg})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{config_file}: not valid JSON ({err}); re-save the adapter") from err
+    if not isinstance(raw, dict):
+        raise UserError(f"{config_file}: expected a JSON object (a PEFT LoraConfig), found {type(raw).__name__}")
     return AdapterConfig.from_peft(raw, str(config_file))
 
 
@@ -175,7 +204,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     add_adapters(model, config.method, config.rank, config.alpha, config.dropout, config.targets, config.use_rslora)
     get_adapter_config(model).base_model_id = config.base_model_id
     get_adapter_config(model).extra = config.extra
-    saved = {_normalise_key(k): v for k, v in load_file(weights_file).items()}
+    _check_base_model(model, config, weights_file)
+    try:
+        saved = {_normalise_key(k): v for k, v in load_file(weights_file).items()}
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise UserError(f"{weights_file}: not a readable safetensors file ({err}); re-save or re-download it") from err
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
@@ -194,6 +227,41 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 )
             target.copy_(saved[key])
     return model
+
+
+_FINGERPRINT_MODULES = 4  # adapted linears sampled
+_FINGERPRINT_ROWS = 16  # rows of each, projected on a fixed random +-1 vector
+
+
+def base_fingerprint(model: nn.Module) -> dict:
+    """A small sketch of the frozen base weights, saved with the adapter so that loading it onto a different model
+    of the same shape is an error instead of silently garbage labels. Random projections of a few weight rows:
+    quantisation (the embedded Q4 GGUF vs the original weights) moves them by a few percent, another model by 100%."""
+    modules = sorted(adapter_modules(model).items())[:_FINGERPRINT_MODULES]
+    sketch = {name: [float(f"{x:.6g}") for x in _row_sketch(m.base.weight)] for name, m in modules}
+    return {"rows": _FINGERPRINT_ROWS, "sketch": sketch}
+
+
+def _row_sketch(weight: torch.Tensor) -> list[float]:
+    signs = torch.randint(0, 2, (weight.shape[1],), generator=torch.Generator().manual_seed(0)) * 2.0 - 1.0
+    return (weight[:_FINGERPRINT_ROWS].detach().float().cpu() @ signs).tolist()
+
+
+def _check_base_model(model: nn.Module, config: AdapterConfig, weights_file: Path) -> None:
+    saved = (config.extra or {}).get("base_fingerprint")
+    if not isinstance(saved, dict) or not isinstance(saved.get("sketch"), dict):
+        return  # adapters written by PEFT or older doratweet versions carry none
+    modules = adapter_modules(model)
+    for name, values in saved["sketch"].items():
+        if name not in modules:
+            continue  # the tensor-name check below reports a different layout
+        now = torch.tensor(_row_sketch(modules[name].base.weight), dtype=torch.float64)
+        then = torch.tensor(values, dtype=torch.float64)
+        if now.shape != then.shape or torch.nn.functional.cosine_similarity(now, then, dim=0) < 0.9:
+            raise UserError(
+                f"{weights_file}: this adapter was trained on other base weights ({config.base_model_id or 'unknown'}; "
+                f"{name} differs), so its labels would be garbage; pass --model with the base model it was trained on"
+            )
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
