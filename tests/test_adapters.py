@@ -386,3 +386,22 @@ def test_the_package_never_unpickles():
     sources = {p: p.read_text() for p in Path(doratweet.__file__).parent.rglob("*.py")}
     offenders = [str(p) for p, text in sources.items() if re.search(r"torch\.load\(|\bpickle\b|joblib", text)]
     assert offenders == []
+
+
+def test_a_failed_save_keeps_the_previous_adapter_whole(tmp_path, monkeypatch):
+    import doratweet.adapters.inject as inject
+
+    model, _ = build_tiny_model()
+    add_adapters(model, rank=4, alpha=8)
+    save_adapter(model, tmp_path / "a")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+
+    def disk_full(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(inject, "save_file", disk_full)
+    randomise_adapters(model)
+    with pytest.raises(OSError, match="No space left"):
+        save_adapter(model, tmp_path / "a")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before  # no temp file, nothing changed

@@ -70,14 +70,45 @@ def test_overwrite_and_resume_together_are_refused(tiny_model_dir, tiny_data_dir
     assert "--overwrite and --resume: choose one" in one_error_line(capsys)
 
 
-def test_bad_data_leaves_no_out_folder(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+def tweeteval_copy(tiny_data_dir, tmp_path, file, content: bytes):
     data = tmp_path / "data"
     shutil.copytree(tiny_data_dir, data)
-    (data / "train_labels.txt").write_text("0\n" * (len(TWEETS) - 1) + "7\n")
+    (data / file).write_bytes(content)
+    return data
+
+
+def csv_data(tmp_path, rows: str):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.csv").write_text("id,text,label\n" + rows)
+    return tmp_path / "data"
+
+
+N = len(TWEETS)
+DATA_FAULTS = {
+    "label outside the mapping": (lambda d, t: tweeteval_copy(d, t, "train_labels.txt", b"0\n" * (N - 1) + b"7\n"),
+                                  f"train_labels.txt:{N}: unknown label '7'"),
+    "empty file": (lambda d, t: tweeteval_copy(d, t, "train_text.txt", b""), "train_text.txt: the file is empty"),
+    "count mismatch": (lambda d, t: tweeteval_copy(d, t, "train_labels.txt", b"0\n" * (N - 2)), "train_labels.txt"),
+    "undecodable bytes": (lambda d, t: tweeteval_copy(d, t, "train_text.txt", b"ok\n" * 3 + b"caf\xe9\n" * (N - 3)),
+                          "train_text.txt:4: not valid UTF-8"),
+    "a 1 MB tweet": (lambda d, t: tweeteval_copy(d, t, "train_text.txt", b"ok\n" + b"x" * 1_000_000 + b"\n"
+                                                 + b"ok\n" * (N - 2)), "train_text.txt:2: text is 1,000,000 characters"),
+    "missing column": (lambda d, t: csv_data(t, "1,good,positive\n").joinpath("train.csv").write_text(
+        "id,tweet,label\n1,good,positive\n") and t / "data", "no column 'text'"),
+    "duplicate ids": (lambda d, t: csv_data(t, "1,good,positive\n1,bad,negative\n"),
+                      "train.csv:3: duplicate id '1', first used on"),
+    "missing data path": (lambda d, t: t / "nowhere", "nowhere"),
+}
+
+
+@pytest.mark.parametrize("fault", DATA_FAULTS)
+def test_bad_data_is_one_line_with_the_file_and_leaves_no_out_folder(fault, tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                     capsys):
+    make_data, expected = DATA_FAULTS[fault]
+    data = make_data(tiny_data_dir, tmp_path)
     out = tmp_path / "run"
-    assert main(run_args(tiny_model_dir, data, out)) == 2
-    err = one_error_line(capsys)
-    assert f"train_labels.txt:{len(TWEETS)}: unknown label" in err
+    assert main(["--quiet", "train", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out)]) == 2
+    assert expected in one_error_line(capsys)
     assert not out.exists()
 
 

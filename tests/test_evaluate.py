@@ -69,3 +69,17 @@ def test_metrics_of_a_known_small_case():
     assert m["accuracy"] == 0.5
     assert m["confusion"] == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]]
     assert m["per_class"]["positive"]["f1"] == 0.0
+
+
+def test_scores_that_overflow_in_half_precision_are_an_error_not_a_label():
+    from doratweet.errors import UserError
+
+    model, tokenizer = build_tiny_model()
+    fmt = make_prompt_format(tokenizer)
+    model = model.half()
+    with torch.no_grad():  # weights large enough that fp16 activations pass 65,504
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(30)
+    with pytest.raises(UserError, match=r"2 of 2 tweets got non-finite scores with float16 weights.*--precision fp32"):
+        score_labels(model, fmt, fmt.prompt_ids(["hello there", "bad day"]))

@@ -14,6 +14,7 @@ import torch
 from . import LABELS
 from .adapters import load_adapter, read_adapter_config
 from .errors import UserError
+from .files import write_atomically  # noqa: F401  (re-exported for commands.py)
 from .hardware import default_device, inference_model
 from .evaluate import predict as predict_with_model
 from .models import EMBEDDED_NAME, EMBEDDED_UPSTREAM_ID, load_base_model
@@ -126,10 +127,3 @@ def format_predictions(texts: list[str], probabilities: list[dict[str, float]], 
     lines = [f"{r['label']:<8}  " + "  ".join(f"{k[2:]}={r[k]:.3f}" for k in r if k.startswith("p_")) +
              f"  {r['text'][:80]}" for r in rows]
     return "\n".join(lines) + ("\n" if lines else "")
-
-
-def write_atomically(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

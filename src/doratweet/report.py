@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from . import LABELS
 from .errors import UserError
-from .files import readable_by_all
+from .files import write_atomically
 
 METRICS_FILE = "metrics.json"
 LOG_FILE = "train_log.jsonl"
@@ -136,20 +134,6 @@ def _method(metrics: dict, adapter_config: dict | None) -> str:
 # Files
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write a temp file beside `path`, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as temp:
-            temp.write(data)
-        readable_by_all(temp_name)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def _new_figure(**options):
     # matplotlib takes over half a second to import, so only the report pays for it, not every module
     # that reads metrics. Figure + the Agg canvas draw off-screen without pyplot's global state.
@@ -261,7 +245,7 @@ def write_plots(run_dir: Path, metrics: dict, log: list[dict]) -> dict[str, Path
     written = {}
     for name, png in drawn.items():
         path = Path(run_dir) / PLOTS_DIR / f"{name}.png"
-        _write_atomically(path, png)
+        write_atomically(path, png)
         written[name] = path
     return written
 
@@ -516,5 +500,5 @@ def write_report(run_dir: str | Path) -> Path:
     adapter_config = load_adapter_config(run_dir)
     plots = write_plots(run_dir, metrics, log)
     readme = run_dir / README_FILE
-    _write_atomically(readme, render_model_card(metrics, adapter_config, plots, run_dir).encode("utf-8"))
+    write_atomically(readme, render_model_card(metrics, adapter_config, plots, run_dir).encode("utf-8"))
     return readme

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import UserError
-from ..files import readable_by_all
+from ..files import atomic_path, write_atomically
 from .dora import DoRALinear
 from .lora import LoRALinear, LowRankAdapter
 
@@ -176,9 +176,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_id: str |
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
-    _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(config.to_peft(), indent=2) + "\n"
-    _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    with atomic_path(path / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_atomically(path / CONFIG_FILE, json.dumps(config.to_peft(), indent=2) + "\n")
     return path
 
 
@@ -317,14 +317,3 @@ def _normalise_key(key: str) -> str:
     if key.endswith("lora_magnitude_vector.weight"):
         key = key[: -len(".weight")]
     return key if key.startswith(_PEFT_PREFIX) else _PEFT_PREFIX + key
-
-
-def _atomic_write(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        write(str(tmp))
-        readable_by_all(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
