@@ -10,10 +10,13 @@ from doratweet.evaluate import UNPARSED, classification_metrics, parse_label, pr
 from doratweet.prompts import make_prompt_format
 
 
-def test_batched_scores_equal_full_sequence_log_likelihoods():
-    model, tokenizer = build_tiny_model()
+@pytest.mark.parametrize("arch, shared_prefix", [("llama", True), ("mistral", True), ("llama", False)])
+def test_batched_scores_equal_full_sequence_log_likelihoods(arch, shared_prefix):
+    model, tokenizer = build_tiny_model(arch)
     fmt = make_prompt_format(tokenizer)
     prompts = fmt.prompt_ids([t for t, _ in TWEETS])
+    if not shared_prefix:  # prompts without the template's prefix: no prefix cache, the pass starts from scratch
+        prompts = [p[len(fmt.shared_prefix_ids()) - 2 :] for p in prompts]
     scores = score_labels(model, fmt, prompts, batch_size=5)  # uneven lengths, padding, a partial batch
     for row, prompt in enumerate(prompts):
         for k, answer in enumerate(fmt.answer_ids):

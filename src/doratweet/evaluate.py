@@ -71,53 +71,83 @@ def prefix_cache(decoder, prefix: list[int], batch: int, device):
     return cache
 
 
+@dataclass
+class AnswerBranches:
+    """The labels' answers laid out to follow a prompt in one forward pass: every answer's tokens but the last are
+    appended after the prompt as a separate branch (same positions, attending to the prompt and to earlier tokens
+    of the same answer only), so each token's log-probability is read where it is predicted."""
+
+    first_tokens: torch.Tensor  # [labels] each answer's first token, predicted at the prompt's last position
+    fed: torch.Tensor  # [S] tokens appended after the prompt, all branches one after another
+    depth: torch.Tensor  # [S] position of each fed token within its answer (0 = right after the prompt)
+    label: torch.Tensor  # [S] whose answer each fed token belongs to
+    targets: torch.Tensor  # [S] the token each fed token predicts
+    sees: torch.Tensor  # [S, S] fed token i may attend to fed token j (same answer, not later)
+
+    @classmethod
+    def of(cls, answers: list[list[int]], device) -> "AnswerBranches":
+        fed = [(k, j, a[j], a[j + 1]) for k, a in enumerate(answers) for j in range(len(a) - 1)]
+        label = torch.tensor([f[0] for f in fed], dtype=torch.long)
+        depth = torch.tensor([f[1] for f in fed], dtype=torch.long)
+        sees = (label[:, None] == label[None, :]) & (depth[:, None] >= depth[None, :])
+        return cls(torch.tensor([a[0] for a in answers], device=device), torch.tensor([f[2] for f in fed], device=device,
+                   dtype=torch.long), depth.to(device), label.to(device),
+                   torch.tensor([f[3] for f in fed], device=device, dtype=torch.long), sees.to(device))
+
+
+def branch_attention_mask(rest_mask: torch.Tensor, prefix_len: int, branches: AnswerBranches, dtype) -> torch.Tensor:
+    """Additive [B, 1, R+S, P+R+S] mask for [shared prefix (cached)][left-padded prompt R][answer branches S]."""
+    b, r = rest_mask.shape
+    s = len(branches.fed)
+    real = rest_mask.bool()
+    allowed = torch.zeros(b, r + s, prefix_len + r + s, dtype=torch.bool, device=rest_mask.device)
+    allowed[:, :, :prefix_len] = True
+    causal = torch.ones(r, r, dtype=torch.bool, device=rest_mask.device).tril()
+    allowed[:, :r, prefix_len : prefix_len + r] = causal & real[:, None, :]
+    allowed[:, r:, prefix_len : prefix_len + r] = real[:, None, :]
+    allowed[:, r:, prefix_len + r :] = branches.sees
+    # A pad query attending to nothing would give NaN rows; let it see itself (its output is never read).
+    allowed[:, :r, prefix_len : prefix_len + r] |= torch.eye(r, dtype=torch.bool, device=rest_mask.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=rest_mask.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
 @torch.no_grad()
 def score_labels(
     model, fmt: PromptFormat, prompts: list[list[int]], batch_size: int = 32, progress: bool = False
 ) -> np.ndarray:
     """Log-likelihood of each label's full answer (label tokens + end-of-turn) after each prompt: [n, 3].
 
-    The prompt runs once; its KV cache is then repeated for the three answers, so scoring costs little
-    more than one forward pass over the prompt, and the vocabulary projection runs only at answer positions.
+    One forward pass per batch: the shared system-prompt prefix comes from a cache computed once per batch, the
+    answers follow the prompt as branches (see `AnswerBranches`), and the vocabulary projection runs only at the
+    positions that predict an answer token.
     """
     decoder, head = split_model(model)
     device = next(model.parameters()).device
-    answers = fmt.answer_ids
-    n_labels = len(answers)
-    # Answer inputs (all but the last token) and the tokens they predict, padded to one width.
-    width = max(len(a) for a in answers) - 1
-    cont_ids = torch.tensor([a[:-1] + [0] * (width - len(a) + 1) for a in answers], device=device)
-    cont_targets = torch.tensor([a[1:] + [0] * (width - len(a) + 1) for a in answers], device=device)
-    cont_mask = torch.tensor([[1] * (len(a) - 1) + [0] * (width - len(a) + 1) for a in answers], device=device)
-    first_tokens = torch.tensor([a[0] for a in answers], device=device)
+    dtype = next(model.parameters()).dtype
+    branches = AnswerBranches.of(fmt.answer_ids, device)
+    n_labels = len(fmt.answer_ids)
 
     prefix = common_prefix(fmt, prompts)
     rests = [p[len(prefix) :] for p in prompts]
     scores = np.zeros((len(prompts), n_labels), dtype=np.float64)
     batches = batches_by_length(rests, batch_size)
     for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
-        # [shared prefix][left padding][rest of the prompt]: pads sit between the two and are masked out.
+        # [shared prefix][left padding][rest of the prompt][answer branches]: pads are masked out.
         ids, rest_mask, rest_positions = left_pad([rests[i] for i in batch], fmt.tokenizer.pad_token_id, device)
-        cache = prefix_cache(decoder, prefix, len(batch), device)
-        mask = torch.cat([torch.ones(len(batch), len(prefix), dtype=torch.long, device=device), rest_mask], dim=1)
-        positions = rest_positions + len(prefix)
-        out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                      use_cache=width > 0 or cache is not None)
-        logp_first = torch.log_softmax(head(out.last_hidden_state[:, -1]).float(), dim=-1)
-        batch_scores = logp_first[:, first_tokens]  # [B, labels]
-        if width > 0:
-            b = len(batch)
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(n_labels)
-            rows_mask = torch.cat([mask.repeat_interleave(n_labels, 0), cont_mask.repeat(b, 1)], dim=1)
-            rows_pos = positions[:, -1:].repeat_interleave(n_labels, 0) + 1 + torch.arange(width, device=device)
-            hidden = decoder(
-                input_ids=cont_ids.repeat(b, 1), attention_mask=rows_mask, position_ids=rows_pos, past_key_values=cache
-            ).last_hidden_state
-            logp = torch.log_softmax(head(hidden).float(), dim=-1)  # [B*labels, width, V]
-            token_logp = logp.gather(-1, cont_targets.repeat(b, 1).unsqueeze(-1)).squeeze(-1)
-            rest = (token_logp * cont_mask.repeat(b, 1)).sum(-1).view(b, n_labels)
-            batch_scores = batch_scores + rest
+        b, r = ids.shape
+        cache = prefix_cache(decoder, prefix, b, device)
+        last = rest_positions[:, -1:] + len(prefix)
+        positions = torch.cat([rest_positions + len(prefix), last + 1 + branches.depth], dim=1)
+        hidden = decoder(input_ids=torch.cat([ids, branches.fed.expand(b, -1)], dim=1),
+                         attention_mask=branch_attention_mask(rest_mask, len(prefix), branches, dtype),
+                         position_ids=positions, past_key_values=cache, use_cache=cache is not None).last_hidden_state
+        logp_first = torch.log_softmax(head(hidden[:, r - 1]).float(), dim=-1)  # [B, V]
+        batch_scores = logp_first[:, branches.first_tokens]  # [B, labels]
+        if len(branches.fed):
+            logp = torch.log_softmax(head(hidden[:, r:]).float(), dim=-1)  # [B, S, V]
+            token_logp = logp.gather(-1, branches.targets.expand(b, -1).unsqueeze(-1)).squeeze(-1)  # [B, S]
+            batch_scores = batch_scores.index_add(1, branches.label, token_logp)
         scores[batch] = batch_scores.double().cpu().numpy()
     broken = int((~np.isfinite(scores)).any(axis=1).sum())
     if broken:  # fp16 (and, rarely, bf16) activations can overflow; a NaN label would be silently wrong
