@@ -145,7 +145,9 @@ def score_labels(
         logp_first = torch.log_softmax(head(hidden[:, r - 1]).float(), dim=-1)  # [B, V]
         batch_scores = logp_first[:, branches.first_tokens]  # [B, labels]
         if len(branches.fed):
-            logp = torch.log_softmax(head(hidden[:, r:]).float(), dim=-1)  # [B, S, V]
+            # 2-D input: a strided 3-D slice makes the projection a batched matmul over B copies of the head.
+            fed_hidden = hidden[:, r:].reshape(-1, hidden.shape[-1])
+            logp = torch.log_softmax(head(fed_hidden).float(), dim=-1).view(b, -1, logp_first.shape[-1])  # [B, S, V]
             token_logp = logp.gather(-1, branches.targets.expand(b, -1).unsqueeze(-1)).squeeze(-1)  # [B, S]
             batch_scores = batch_scores.index_add(1, branches.label, token_logp)
         scores[batch] = batch_scores.double().cpu().numpy()
