@@ -25,7 +25,7 @@ TRAINING_OPTIONS = [
     ("--targets", "targets", lambda s: tuple(t for t in s.split(",") if t), "comma-separated module names to adapt"),
     ("--epochs", "epochs", float, "passes over the training tweets (fractions allowed)"),
     ("--lr", "lr", float, "peak learning rate (AdamW, linear warm-up then cosine decay)"),
-    ("--batch-size", "batch_size", int, "tweets per micro-batch"),
+    ("--batch-size", "batch_size", int, "tweets per micro-batch, across all processes under torchrun"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
     ("--max-steps", "max_steps", int, "stop after this many optimizer steps (overrides --epochs)"),
     ("--warmup-ratio", "warmup_ratio", float, "share of steps spent warming up the learning rate"),
@@ -34,6 +34,7 @@ TRAINING_OPTIONS = [
     ("--eval-every", "eval_every", int, "validate every N steps and keep the best adapter (0: only at the end)"),
     ("--eval-limit", "eval_limit", int, "validate on the first N validation tweets"),
     ("--save-every", "save_every", int, "write a resumable checkpoint every N steps (0: only on Ctrl-C)"),
+    ("--log-every", "log_every", int, "write the mean training loss to train_log.jsonl every N steps"),
     ("--seed", "seed", int, "random seed (same seed, same result on CPU)"),
 ]
 
@@ -132,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N tweets (default: all)")
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (default: off)")
     tr.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder (default: off)")
+    tr.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base model across the processes "
+                    "(FSDP) instead of copying it to each (DDP), for models that do not fit one GPU (default: off)")
     add_training_options(tr, preset_defaults=False)
 
     ev = verbs.add_parser("evaluate", help="metrics of a model (with or without an adapter) on a split")
@@ -252,7 +255,7 @@ def cmd_run(args) -> int:
 def cmd_train(args) -> int:
     from .commands import train_command
 
-    train_command(args, TrainConfig(**training_overrides(args)), data_options(args))
+    train_command(args, TrainConfig(**training_overrides(args), fsdp=args.fsdp), data_options(args))
     return 0
 
 

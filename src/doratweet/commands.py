@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import LABELS
+from . import LABELS, distributed
 from .adapters import load_adapter, merge_adapters, read_adapter_config, target_module_names
 from .data import load_data, load_split
 from .errors import UserError
@@ -29,22 +29,30 @@ from .train import TrainConfig, train
 log = logging.getLogger("doratweet")
 
 
+@distributed.process_group()  # under torchrun / `accelerate launch` every process runs this
 def train_command(args, config: TrainConfig, data_options: dict) -> dict:
+    """Rank 0 alone checks and writes --out; every rank trains (see train.py)."""
     out_dir = Path(args.out)
-    check_out_dir(out_dir, args.overwrite, args.resume)
+    main = distributed.is_main_process()
+    if main:
+        check_out_dir(out_dir, args.overwrite, args.resume)
     splits = load_data(args.data, **data_options)
     if "train" not in splits:
         raise UserError(f"--data: has no train split (found: {', '.join(splits)})")
     model_spec = args.model or EMBEDDED_NAME
-    base = load_base_model(model_spec, device=default_device(), trust_remote_code=args.trust_remote_code)
+    with distributed.main_process_first():
+        base = load_base_model(model_spec, device=distributed.process_device(),
+                               trust_remote_code=args.trust_remote_code)
     config.extra = {"system_prompt": args.system_prompt, "model_spec": model_spec, "labels": list(LABELS)}
     fmt = make_prompt_format(base.tokenizer, args.system_prompt)
     target_module_names(base.model, config.targets)
-    start_out_dir(out_dir, args.overwrite)
+    if main:
+        start_out_dir(out_dir, args.overwrite)
     summary = train(base.model, fmt, splits["train"].head(args.train_limit), splits.get("validation"), config, out_dir,
                     resume=args.resume, progress=not args.quiet, base_model_id=base.base_model_id)
-    write_json(out_dir / "train_summary.json", summary)
-    log.info("adapter saved in %s", out_dir / "adapter")
+    if main:
+        write_json(out_dir / "train_summary.json", summary)
+        log.info("adapter saved in %s", out_dir / "adapter")
     return summary
 
 

@@ -120,8 +120,13 @@ def _dequantised_gguf_folder(gguf: Path, *, base_model_id: str) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _ORIGIN_FILE).write_text(json.dumps({"base_model_id": base_model_id, "gguf": str(gguf)}))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        if not (folder / _ORIGIN_FILE).is_file():  # another process (a rank on a node sharing the cache) may be done
+            shutil.rmtree(folder, ignore_errors=True)  # an unfinished copy: _ORIGIN_FILE is written last
+            try:
+                tmp.rename(folder)
+            except OSError:  # lost the race to a process that renamed its own copy just now
+                if not (folder / _ORIGIN_FILE).is_file():
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -2,6 +2,9 @@
 
 The run folder: adapter/ (PEFT format), metrics.json, predictions/test_{before,after}.txt (one label id
 per line, TweetEval's format), train_log.jsonl, plots/, README.md (the model card).
+
+Under torchrun every process trains (DDP); rank 0 alone evaluates before and after and writes the run folder,
+while the others wait for it in training's first collective, and leave once training is done.
 """
 
 from __future__ import annotations
@@ -18,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from . import LABELS, __version__
+from . import LABELS, __version__, distributed
 from .adapters import target_module_names
 from .checkpoints import checkpoint_folders
 from .data import Split, load_data, resolve_data_spec
 from .errors import UserError
 from .evaluate import Predictions, classification_metrics, predict
 from .models import EMBEDDED_NAME, load_base_model
-from .hardware import default_device, inference_model
+from .hardware import inference_model
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
 from .train import CHECKPOINT_DIR, TrainConfig, train
 
@@ -134,6 +137,7 @@ def environment(device: torch.device) -> dict:
             "transformers": transformers.__version__, "doratweet": __version__, "date": date.today().isoformat()}
 
 
+@distributed.process_group()  # under torchrun: this process's part of the job (see the module's docstring)
 def run_pipeline(
     *,
     model_spec: str | None,
@@ -156,6 +160,7 @@ def run_pipeline(
     from .report import write_report
 
     started = time.perf_counter()
+    main = distributed.is_main_process()
     preset = PRESETS[preset_name or default_preset()]
     preset = replace(preset, train_limit=train_limit or preset.train_limit, test_limit=test_limit or preset.test_limit,
                      generate_limit=generate_limit or preset.generate_limit)
@@ -165,7 +170,8 @@ def run_pipeline(
     config = training_config(preset, training_overrides or {})
     config.eval_limit = config.eval_limit or preset.eval_limit
     config.extra = {"system_prompt": system_prompt, "model_spec": model_spec, "labels": list(LABELS)}
-    check_out_dir(out_dir, overwrite, resume)
+    if main:
+        check_out_dir(out_dir, overwrite, resume)
 
     splits = load_data(data_spec, **(data_options or {}))
     for needed in ("train", "test"):
@@ -179,21 +185,25 @@ def run_pipeline(
     if subset_note:
         log.info("preset %s: %s", preset.name, subset_note)
 
-    device = default_device()
+    device = distributed.process_device()
     log.info("loading base model %s", model_spec)
-    base = load_base_model(model_spec, device=device, trust_remote_code=trust_remote_code)
+    with distributed.main_process_first():
+        base = load_base_model(model_spec, device=device, trust_remote_code=trust_remote_code)
     fmt = make_prompt_format(base.tokenizer, system_prompt)
     target_module_names(base.model, config.targets)  # an unknown --targets fails now, not after the evaluation
-    start_out_dir(out_dir, overwrite)
     examples_split = splits["train"].head(5)
 
-    log.info("before fine-tuning (test split):")
-    before_scored, before, examples_before = evaluate_both_modes(
-        base.model, fmt, test, generate_test, batch_size, eval_bf16, examples_split, progress)
+    if main:
+        start_out_dir(out_dir, overwrite)
+        log.info("before fine-tuning (test split):")
+        before_scored, before, examples_before = evaluate_both_modes(
+            base.model, fmt, test, generate_test, batch_size, eval_bf16, examples_split, progress)
 
     log.info("fine-tuning: %s", config)
     summary = train(base.model, fmt, train_split, validation, config, out_dir, resume=resume, progress=progress,
                     base_model_id=base.base_model_id)
+    if not main:
+        return {"training": summary}
 
     log.info("after fine-tuning (test split):")
     after_scored, after, examples_after = evaluate_both_modes(

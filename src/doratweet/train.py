@@ -1,5 +1,9 @@
 """The training loop, in plain PyTorch: AdamW on adapter parameters, warm-up + cosine, accumulation,
 clipping, length-bucketed batches, periodic validation keeping the best adapter, checkpoints and resume.
+
+Under torchrun the same loop runs in every process (docs/distributed.md): each builds the same global batches
+and takes its slice of each, gradients are averaged by DDP (or FSDP with `fsdp=True`), and rank 0 alone
+validates and writes files. With the same --batch-size it follows the single-process trajectory.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
 from .adapters import DEFAULT_TARGETS, add_adapters, adapter_parameters, get_adapter_config, save_adapter
 from .adapters.inject import adapter_state_dict
 from .checkpoints import (
@@ -72,6 +77,7 @@ class TrainConfig:
     log_every: int = 10
     eval_batch_size: int = 32
     bf16: bool | None = None  # autocast to bf16; None = on CUDA only (on CPU it gained < 10% here)
+    fsdp: bool = False  # shard the model across the launched processes (FSDP2) instead of replicating it (DDP)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -94,12 +100,16 @@ class TrainConfig:
             ("eval_every", self.eval_every >= 0, "must be 0 (only at the end) or more"),
             ("eval_limit", self.eval_limit is None or self.eval_limit >= 1, "must be 1 or more"),
             ("save_every", self.save_every >= 0, "must be 0 (only on Ctrl-C) or more"),
+            ("log_every", self.log_every >= 1, "must be 1 or more"),
         ]
         for name, ok, fix in checks:
             if not ok:
                 value = getattr(self, name)
                 shown = ",".join(value) if isinstance(value, tuple) else value
                 raise UserError(f"--{name.replace('_', '-')} {shown}: {fix}")
+        if self.fsdp and not distributed.launched():
+            raise UserError("--fsdp: shards the model across several processes; start them with torchrun "
+                            "--nproc_per_node N (see docs/distributed.md)")
 
 
 @dataclass
@@ -145,11 +155,14 @@ def right_pad(examples, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor
     return ids.to(device), targets.to(device), mask.to(device)
 
 
-def answer_loss(model, ids, targets, mask, prefix: list[int] = (), label_smoothing: float = 0.0) -> torch.Tensor:
+def answer_loss(model, ids, targets, mask, prefix: list[int] = (), label_smoothing: float = 0.0,
+                answer_tokens: int | None = None) -> torch.Tensor:
     """Cross-entropy on the answer tokens only; the vocabulary projection runs only at those positions,
     which skips most of the output head's cost (49k words x every prompt token for SmolLM2).
 
-    `ids` hold what follows the shared `prefix` (computed once for the batch, see `prefix_cache`)."""
+    `ids` hold what follows the shared `prefix` (computed once for the batch, see `prefix_cache`). The loss is
+    the mean over the batch's answer tokens; with `answer_tokens` it is their sum divided by that count instead,
+    so that the slices of one global batch on several ranks add up to exactly the whole batch's mean."""
     decoder, head = split_model(model)
     cache = prefix_cache(decoder, list(prefix), ids.shape[0], ids.device)
     if cache is None:
@@ -162,7 +175,33 @@ def answer_loss(model, ids, targets, mask, prefix: list[int] = (), label_smoothi
                          use_cache=True).last_hidden_state
     predicts = targets[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
     logits = head(hidden[:, :-1][predicts]).float()
-    return F.cross_entropy(logits, targets[:, 1:][predicts], label_smoothing=label_smoothing)
+    if answer_tokens is None:
+        return F.cross_entropy(logits, targets[:, 1:][predicts], label_smoothing=label_smoothing)
+    total = F.cross_entropy(logits, targets[:, 1:][predicts], label_smoothing=label_smoothing, reduction="sum")
+    return total / answer_tokens
+
+
+class AnswerLoss(torch.nn.Module):
+    """`answer_loss` as a module. DDP synchronises the gradients of what runs inside the forward of the module it
+    wraps, and answer_loss calls the decoder and the output head separately, so DDP wraps this."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, targets, mask, prefix, label_smoothing, answer_tokens):
+        return answer_loss(self.model, ids, targets, mask, prefix, label_smoothing, answer_tokens)
+
+
+def rank_slice(batch: list[int], rank: int, world: int) -> tuple[list[int], float]:
+    """Rank `rank`'s contiguous share of a global batch (shares differ by one tweet at most) and its weight.
+
+    A rank whose share is empty (a last batch with fewer tweets than ranks) runs the batch's first tweet with
+    weight 0: every rank must run a forward and backward for the gradient collectives to line up."""
+    start, end = len(batch) * rank // world, len(batch) * (rank + 1) // world
+    if start == end:
+        return batch[:1], 0.0
+    return batch[start:end], 1.0
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -172,11 +211,20 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def validate(model, fmt: PromptFormat, prompts: list[list[int]], labels: list[int], batch_size: int) -> dict:
-    """Validation macro-F1 etc., scored on a merged copy (bf16 where fast) so training's weights stay as they are."""
-    scorer = inference_model(model, next(model.parameters()).device)
-    probabilities = probabilities_from_scores(score_labels(scorer, fmt, prompts, batch_size))
-    return classification_metrics(labels, probabilities.argmax(axis=1))
+def validate(model, fmt: PromptFormat, prompts: list[list[int]], labels: list[int], batch_size: int,
+             sharded: bool = False, bf16: bool = False) -> dict:
+    """Validation macro-F1 etc., scored on a merged copy (bf16 where fast) so training's weights stay as they are.
+
+    A model sharded by FSDP cannot be merged on one rank: every rank scores with the training model itself
+    (its layers gather their weights as they run), in eval mode."""
+    if sharded:
+        model.eval()
+        with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
+            scores = score_labels(model, fmt, prompts, batch_size)
+        model.train()
+    else:
+        scores = score_labels(inference_model(model, next(model.parameters()).device), fmt, prompts, batch_size)
+    return classification_metrics(labels, probabilities_from_scores(scores).argmax(axis=1))
 
 
 def train(
@@ -193,21 +241,36 @@ def train(
     on_step: Callable[[int], None] | None = None,
 ) -> dict:
     """Fine-tune adapters on `train_split`; the best adapter (by validation macro-F1) ends in out_dir/adapter
-    and in the model. Returns a summary of what was done."""
+    and in the model. Returns a summary of what was done.
+
+    Inside a process group (see `distributed.process_group`) every rank calls this with the same arguments;
+    rank 0 alone writes out_dir, and, with FSDP, the model stays sharded across the ranks afterwards."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    parallel, world, main = distributed.active(), distributed.world_size(), distributed.is_main_process()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     if get_adapter_config(model) is None:
         add_adapters(model, config.method, config.rank, config.alpha, config.dropout, config.targets, config.use_rslora)
     get_adapter_config(model).extra = {**get_adapter_config(model).extra, **config.extra}
-    params = adapter_parameters(model)
-    device = params[0].device
+    device = adapter_parameters(model)[0].device
     use_bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
+    if distributed.rank() > 0:  # the adapters start equal everywhere; dropout masks should not repeat across ranks
+        torch.manual_seed(config.seed + 1_000_003 * distributed.rank())
+    if config.fsdp:
+        distributed.shard_decoder_layers(model, device)
+    params = adapter_parameters(model)  # under FSDP: the ranks' shards
+    loss_module = None  # several ranks: computes this rank's share of a batch's loss
+    if parallel:  # DDP replicates the model and wraps the loss; an FSDP model syncs gradients itself
+        loss_module = AnswerLoss(model) if config.fsdp else distributed.data_parallel(AnswerLoss(model), device)
 
     examples = encode_split(fmt, train_split)
-    prefix = common_prefix(fmt, [ids for ids, _ in examples])
+    # FSDP gathers a layer's weights again for backward when the gradient reaches the layer's output; the shared
+    # prefix pass hands its gradient on through the KV cache instead, so under FSDP each tweet runs whole.
+    prefix = [] if config.fsdp else common_prefix(fmt, [ids for ids, _ in examples])
     examples = [(ids[len(prefix) :], targets[len(prefix) :]) for ids, targets in examples]
     lengths = [len(ids) for ids, _ in examples]
+    answer_counts = [sum(t != IGNORE_INDEX for t in targets[1:]) for _, targets in examples]
     micro_per_epoch = math.ceil(len(examples) / config.batch_size)
     steps_per_epoch = max(1, micro_per_epoch // config.grad_accum)
     total_steps = config.max_steps or max(1, round(steps_per_epoch * config.epochs))
@@ -224,9 +287,9 @@ def train(
     log_path = out_dir / LOG_FILE
     if resume:
         state, log_bytes = _load_checkpoint(checkpoint, model, optimizer, scheduler, config)
-        if log_path.is_file() and log_path.stat().st_size > log_bytes:
+        if main and log_path.is_file() and log_path.stat().st_size > log_bytes:
             os.truncate(log_path, log_bytes)  # drop lines logged after the checkpoint: they are redone
-    log_file = log_path.open("a" if resume else "w")
+    log_file = log_path.open("a" if resume else "w") if main else None
 
     def micro_batches_from(step: int):
         """Micro-batches of every optimizer step from `step` on, across epochs."""
@@ -240,22 +303,48 @@ def train(
             micro = (epoch + 1) * steps_per_epoch * config.grad_accum
             epoch += 1
 
+    def micro_batch_loss(batch: list[int]) -> tuple[torch.Tensor, float]:
+        """The loss to backpropagate for one (global) micro-batch, and the batch's mean answer-token loss."""
+        if not parallel:
+            ids, targets, mask = right_pad([examples[i] for i in batch], fmt.tokenizer.pad_token_id, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = answer_loss(model, ids, targets, mask, prefix, config.label_smoothing)
+            return loss, loss.item()
+        mine, weight = rank_slice(batch, distributed.rank(), world)
+        ids, targets, mask = right_pad([examples[i] for i in mine], fmt.tokenizer.pad_token_id, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            share = weight * loss_module(ids, targets, mask, prefix, config.label_smoothing,
+                                         sum(answer_counts[i] for i in batch))
+        # The ranks' shares add up to the batch's mean loss; DDP and FSDP average gradients over the ranks, so
+        # each share's gradient counts `world` times to make that average the gradient of the batch's mean.
+        return share * world, distributed.sum_over_processes(share)
+
     def log_line(line: dict) -> None:
-        log_file.write(json.dumps(line) + "\n")
-        log_file.flush()
+        if log_file is not None:
+            log_file.write(json.dumps(line) + "\n")
+            log_file.flush()
+
+    def write_adapter() -> None:
+        with distributed.whole_adapter(model):
+            if main:
+                save_adapter(model, out_dir / ADAPTER_DIR, base_model_id=base_model_id)
 
     def save():
-        _save_checkpoint(checkpoint, model, optimizer, scheduler, state, config, log_file.tell())
+        _save_checkpoint(checkpoint, model, optimizer, scheduler, state, config, log_file.tell() if main else 0)
 
     def evaluate_and_keep_best():
         if val_prompts is None:
             return
-        metrics = validate(model, fmt, val_prompts, val_labels, config.eval_batch_size)
+        metrics = None
+        if main or config.fsdp:  # under DDP the others wait for rank 0's result; under FSDP all ranks score
+            metrics = validate(model, fmt, val_prompts, val_labels, config.eval_batch_size, sharded=config.fsdp,
+                               bf16=use_bf16)
+        metrics = distributed.broadcast_from_main(metrics)
         log_line({"step": state.step, "val_macro_f1": metrics["macro_f1"], "val_macro_recall": metrics["macro_recall"],
                   "val_accuracy": metrics["accuracy"]})
         if metrics["macro_f1"] > state.best_val_macro_f1:
             state.best_val_macro_f1, state.best_step = metrics["macro_f1"], state.step
-            save_adapter(model, out_dir / ADAPTER_DIR, base_model_id=base_model_id)
+            write_adapter()
 
     def stop_if_not_finite(value: float, what: str):
         if math.isfinite(value):
@@ -267,27 +356,28 @@ def train(
 
     model.train()
     source = micro_batches_from(state.step)
-    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not progress)
+    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not (progress and main))
     started = time.perf_counter() - state.seconds
     window_tokens, window_start, window_loss = 0, time.perf_counter(), state.unlogged_losses
     updating = False  # True while the weights, optimizer and schedule are between two steps' states
+    stopping_together = False  # every rank agreed to stop after this step (Ctrl-C on any of them)
     try:
         with _CtrlC() as ctrl_c:
             while state.step < total_steps:
                 optimizer.zero_grad(set_to_none=True)
                 step_losses = []
-                for _ in range(config.grad_accum):
+                for micro in range(config.grad_accum):
                     epoch, batch = next(source)
-                    ids, targets, mask = right_pad([examples[i] for i in batch], fmt.tokenizer.pad_token_id, device)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        loss = answer_loss(model, ids, targets, mask, prefix, config.label_smoothing)
-                    step_losses.append(loss.item())
-                    stop_if_not_finite(step_losses[-1], "loss")
-                    (loss / config.grad_accum).backward()
-                    n_tokens = int(mask.sum()) + len(prefix) * len(batch)  # tokens the model was trained on
+                    last = micro == config.grad_accum - 1
+                    with distributed.gradient_sync(loss_module, enabled=last):
+                        loss, loss_value = micro_batch_loss(batch)
+                        step_losses.append(loss_value)
+                        stop_if_not_finite(loss_value, "loss")
+                        (loss / config.grad_accum).backward()
+                    n_tokens = sum(lengths[i] for i in batch) + len(prefix) * len(batch)  # tokens trained on
                     window_tokens += n_tokens
                     state.tokens += n_tokens
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                grad_norm = distributed.clip_grad_norm(params, config.max_grad_norm)
                 stop_if_not_finite(float(grad_norm), "gradient norm")
                 updating = True
                 optimizer.step()
@@ -312,22 +402,25 @@ def train(
                     save()
                 if on_step is not None:
                     on_step(state.step)
-                if ctrl_c.pressed:
+                if distributed.any_process(ctrl_c.pressed):
+                    stopping_together = True
                     raise KeyboardInterrupt
         evaluate_and_keep_best()
     except KeyboardInterrupt:
-        if not updating:  # between steps the weights, optimizer and schedule agree: safe to resume from
+        # Between steps the weights, optimizer and schedule agree: safe to resume from. Several ranks save only
+        # when they stopped together (saving is collective); a second Ctrl-C there stops without saving.
+        if not updating and (not parallel or stopping_together):
             save()
         raise
     finally:
         bar.close()
-        log_file.close()
+        if log_file is not None:
+            log_file.close()
     model.eval()
-    if val_prompts is None or state.best_step != state.step:
-        if val_prompts is None:
-            save_adapter(model, out_dir / ADAPTER_DIR, base_model_id=base_model_id)
-        else:  # an earlier validation was better: bring those weights back
-            _load_adapter_weights(model, out_dir / ADAPTER_DIR)
+    if val_prompts is None:
+        write_adapter()
+    elif state.best_step != state.step:  # an earlier validation was better: bring those weights back
+        _load_adapter_weights(model, out_dir / ADAPTER_DIR)
     return {
         **{k: v for k, v in asdict(config).items() if k != "extra"},
         "targets": list(config.targets),
@@ -337,6 +430,8 @@ def train(
         "seconds": round(state.seconds, 2),
         "device": device.type,
         "precision": "bf16 autocast" if use_bf16 else "fp32",
+        "processes": world,
+        "parallelism": ("fsdp" if config.fsdp else "ddp") if parallel else "none",
         "trainable_parameters": sum(p.numel() for p in params),
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "best_step": state.best_step if val_prompts is not None else state.step,
@@ -347,8 +442,10 @@ def train(
 def _load_adapter_weights(model, adapter_dir: Path) -> None:
     from safetensors.torch import load_file
 
-    saved = load_file(adapter_dir / "adapter_model.safetensors")
-    with torch.no_grad():
+    # Rank 0 reads (only its disk is sure to hold the run folder) and hands the tensors to the others.
+    saved = distributed.broadcast_from_main(
+        load_file(adapter_dir / "adapter_model.safetensors") if distributed.is_main_process() else None)
+    with distributed.whole_adapter(model), torch.no_grad():
         for key, tensor in adapter_state_dict(model).items():
             tensor.copy_(saved[key])
 
@@ -377,38 +474,65 @@ class _CtrlC:
 
 
 def _resume_relevant(config: TrainConfig) -> dict:
-    """The options a resumed run must share with the checkpoint (how often it logs or saves may change)."""
-    values = {k: v for k, v in asdict(config).items() if k not in ("eval_every", "save_every", "log_every")}
+    """The options a resumed run must share with the checkpoint."""
+    # How often it logs or saves may change; so may --fsdp (checkpoints hold whole tensors either way).
+    values = {k: v for k, v in asdict(config).items() if k not in ("eval_every", "save_every", "log_every", "fsdp")}
     return json.loads(json.dumps(values))  # as JSON sees it: tuples become lists
 
 
 def _save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, config: TrainConfig,
                      log_bytes: int) -> None:
-    """Everything needed to continue exactly: adapter weights, optimizer, schedule, RNG, progress, log length."""
+    """Everything needed to continue exactly: adapter weights, optimizer, schedule, RNG, progress, log length.
+
+    Several ranks: every rank calls this (FSDP's shards are gathered whole, each rank's RNG state is collected)
+    and rank 0 writes one checkpoint. Adapter and optimizer are the same on every rank under DDP."""
+    with distributed.whole_adapter(model):
+        adapter = {f"adapter.{k}": v for k, v in adapter_state_dict(model).items()}
     optimizer_tensors, optimizer_plain = optimizer_to_files(optimizer)
-    tensors = {**{f"adapter.{k}": v for k, v in adapter_state_dict(model).items()}, **optimizer_tensors,
-               "rng.torch": torch.get_rng_state()}
+    optimizer_tensors = {k: distributed.full_tensor(v) for k, v in optimizer_tensors.items()}
+    rng = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_checkpoint(folder, state.step, tensors, {
-        "progress": asdict(state), "config": _resume_relevant(config), "optimizer": optimizer_plain,
-        "scheduler": scheduler.state_dict(), "log_bytes": log_bytes})
+        rng["rng.cuda"] = torch.cuda.get_rng_state()
+    if distributed.active():  # every rank draws its own dropout masks
+        every_rank = distributed.gather_from_all(rng)
+        rng = {f"{k}.rank{r}": v for r, states in enumerate(every_rank) for k, v in states.items()}
+    if distributed.is_main_process():
+        save_checkpoint(folder, state.step, {**adapter, **optimizer_tensors, **rng}, {
+            "progress": asdict(state), "config": _resume_relevant(config), "optimizer": optimizer_plain,
+            "scheduler": scheduler.state_dict(), "log_bytes": log_bytes, "world_size": distributed.world_size()})
+    distributed.barrier()  # no rank leaves (e.g. exits after Ctrl-C, ending the job) before the checkpoint exists
 
 
 def _load_checkpoint(folder: Path, model, optimizer, scheduler, config: TrainConfig) -> tuple[TrainState, int]:
-    tensors, saved = load_latest_checkpoint(folder)
+    # Rank 0 reads (only its disk is sure to hold the run folder) and hands the checkpoint to the others.
+    tensors, saved = distributed.broadcast_from_main(
+        load_latest_checkpoint(folder) if distributed.is_main_process() else None)
+    written_by, world = saved.get("world_size", 1), distributed.world_size()
+    if written_by != world:  # each rank's RNG state is in the checkpoint, and exactness needs the same ranks
+        raise UserError(f"--resume: the checkpoint in {folder} was written by {written_by} process(es) and this run "
+                        f"has {world}; resume with {written_by} (e.g. torchrun --nproc_per_node {written_by})")
     current = _resume_relevant(config)
     changed = [k for k in current if k in saved["config"] and saved["config"][k] != current[k]]
     if changed:
         raise UserError(f"--resume: options differ from the checkpoint's ({', '.join(changed)}); use the same options")
-    with torch.no_grad():
+    with distributed.whole_adapter(model), torch.no_grad():
         for key, tensor in adapter_state_dict(model).items():
             tensor.copy_(tensors[f"adapter.{key}"])
-    optimizer.load_state_dict(optimizer_from_files(tensors, saved["optimizer"]))
+    optimizer_state = optimizer_from_files(tensors, saved["optimizer"])
+    params = optimizer.param_groups[0]["params"]
+    for index, per_param in optimizer_state["state"].items():  # whole moments -> this rank's shards (FSDP)
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor) and value.shape == params[index].shape:
+                per_param[name] = distributed.shard_like(value, params[index])
+    optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    rng = tensors
+    if distributed.active():  # this rank's own RNG states
+        suffix = f".rank{distributed.rank()}"
+        rng = {k.removesuffix(suffix): v for k, v in tensors.items() if k.endswith(suffix)}
+    torch.set_rng_state(rng["rng.torch"])
+    if "rng.cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["rng.cuda"])
     return TrainState(**saved["progress"]), saved["log_bytes"]
 
 

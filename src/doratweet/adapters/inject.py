@@ -141,7 +141,9 @@ def add_adapters(
         parent, child = _parent(model, name)
         setattr(parent, child, wrapper(getattr(parent, child), rank, alpha, dropout, use_rslora))
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    model.doratweet_adapter = AdapterConfig(method, rank, float(alpha), dropout, targets, use_rslora)
+    # Taken now, while the base weights are whole (FSDP shards them later); save_adapter writes it.
+    fingerprint = {"base_fingerprint": base_fingerprint(model)}
+    model.doratweet_adapter = AdapterConfig(method, rank, float(alpha), dropout, targets, use_rslora, extra=fingerprint)
     return model
 
 
@@ -172,7 +174,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_id: str |
     assert config is not None, "save_adapter needs a model with adapters (add_adapters or load_adapter)"
     if base_model_id is not None:
         config.base_model_id = base_model_id
-    config.extra = {**config.extra, "base_fingerprint": base_fingerprint(model)}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
@@ -203,7 +204,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise UserError(f"--adapter {path}: {WEIGHTS_FILE} is missing")
     add_adapters(model, config.method, config.rank, config.alpha, config.dropout, config.targets, config.use_rslora)
     get_adapter_config(model).base_model_id = config.base_model_id
-    get_adapter_config(model).extra = config.extra
+    get_adapter_config(model).extra = {**get_adapter_config(model).extra, **config.extra}
     _check_base_model(model, config, weights_file)
     try:
         saved = {_normalise_key(k): v for k, v in load_file(weights_file).items()}
