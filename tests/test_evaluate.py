@@ -86,35 +86,3 @@ def test_scores_that_overflow_in_half_precision_are_an_error_not_a_label():
                 p.mul_(30)
     with pytest.raises(UserError, match=r"2 of 2 tweets got non-finite scores with float16 weights.*--precision fp32"):
         score_labels(model, fmt, fmt.prompt_ids(["hello there", "bad day"]))
-
-
-def test_label_shift_adaptation_recovers_a_new_prior_from_unlabelled_probabilities():
-    from doratweet.evaluate import adapt_to_label_shift
-
-    rng = np.random.default_rng(0)
-    train_prior, test_prior = np.array([0.15, 0.45, 0.40]), np.array([0.32, 0.48, 0.20])
-    # Features x ~ N(1.5 * onehot(y), I), so p(x|y) is proportional to exp(1.5 x_y); a classifier calibrated
-    # under the training prior gives p(y|x) proportional to exp(1.5 x_y) * train_prior.
-    labels = rng.choice(3, size=20_000, p=test_prior)
-    likelihood = np.exp(1.5 * (rng.normal(0, 1.0, size=(len(labels), 3)) + 1.5 * np.eye(3)[labels]))
-    posterior = likelihood * train_prior
-    posterior /= posterior.sum(axis=1, keepdims=True)
-    adjusted, estimated = adapt_to_label_shift(posterior, train_prior)
-    assert np.allclose(estimated, test_prior, atol=0.02)
-    assert np.allclose(adjusted.sum(axis=1), 1.0)
-    before = f1_score(labels, posterior.argmax(axis=1), average="macro")
-    after = f1_score(labels, adjusted.argmax(axis=1), average="macro")
-    assert after > before + 0.01
-
-
-def test_label_shift_adaptation_changes_nothing_when_the_prior_is_the_same():
-    from doratweet.evaluate import adapt_to_label_shift
-
-    rng = np.random.default_rng(1)
-    prior = np.array([0.2, 0.5, 0.3])
-    labels = rng.choice(3, size=20_000, p=prior)
-    likelihood = np.exp(1.5 * (rng.normal(0, 1.0, size=(len(labels), 3)) + 1.5 * np.eye(3)[labels]))
-    posterior = likelihood * prior / (likelihood * prior).sum(axis=1, keepdims=True)
-    adjusted, estimated = adapt_to_label_shift(posterior, prior)
-    assert np.allclose(estimated, prior, atol=0.02)
-    assert (adjusted.argmax(axis=1) == posterior.argmax(axis=1)).mean() > 0.97

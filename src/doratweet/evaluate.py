@@ -166,27 +166,6 @@ def probabilities_from_scores(scores: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def adapt_to_label_shift(probabilities: np.ndarray, train_prior: np.ndarray, max_iterations: int = 1000,
-                         tolerance: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
-    """Re-weight scored probabilities for a new set of tweets whose class balance differs from training's.
-
-    The EM procedure of Saerens, Latinne & Decaestecker (2002, "Adjusting the outputs of a classifier to new a
-    priori probabilities"): the new prior is estimated from the unlabelled tweets alone (their mean adjusted
-    probability), and each probability is multiplied by new/train prior and renormalised, until the prior settles.
-    Returns the adjusted probabilities [n, labels] and the estimated prior [labels]. No label is used.
-    """
-    train_prior = np.asarray(train_prior, dtype=np.float64)
-    prior = train_prior.copy()
-    for _ in range(max_iterations):
-        weighted = probabilities * (prior / train_prior)
-        adjusted = weighted / weighted.sum(axis=1, keepdims=True)
-        new_prior = adjusted.mean(axis=0)
-        if np.abs(new_prior - prior).max() < tolerance:
-            break
-        prior = new_prior
-    return adjusted, new_prior
-
-
 @torch.no_grad()
 def generate_answers(
     model, fmt: PromptFormat, prompts: list[list[int]], batch_size: int = 32, max_new_tokens: int = 16,
