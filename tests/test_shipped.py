@@ -49,3 +49,16 @@ def test_shipped_adapter_labels_unambiguous_tweets(capsys):
     correct = sum(r["label"] == label for r, (_, label) in zip(rows, SAMPLE))
     assert correct >= 8, rows  # bar set before the adapter was trained; see the card for its test figures
     assert all(abs(r["p_negative"] + r["p_neutral"] + r["p_positive"] - 1) < 1e-3 for r in rows)
+
+
+def test_the_best_preset_is_the_recipe_of_the_shipped_adapter():
+    from doratweet.pipeline import PRESETS, training_config
+
+    best = PRESETS["best"]
+    config = training_config(best, {})
+    trained = json.loads((SHIPPED_RUN / "metrics.json").read_text())["training"]
+    assert trained["train_examples"] == best.train_limit and trained["eval_limit"] == best.eval_limit
+    for name in ("method", "rank", "alpha", "dropout", "lr", "batch_size", "epochs", "eval_every", "use_rslora",
+                 "weight_decay", "label_smoothing", "warmup_ratio", "seed"):
+        assert trained[name] == getattr(config, name), name
+    assert trained["targets"] == list(config.targets)
