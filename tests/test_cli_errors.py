@@ -146,3 +146,12 @@ def test_a_model_without_a_chat_template_trains_and_predicts_with_the_plain_fall
     classifier = SentimentClassifier.load(tmp_path / "run", model=str(model_dir))
     assert classifier.prompt_format.suffix == "\nSentiment:"
     assert len(classifier.predict(["what a lovely day"])) == 1
+
+
+def test_the_duplicate_id_check_follows_id_column(tiny_model_dir, tmp_path, capsys):
+    data = csv_data(tmp_path, "1,good,positive\n1,bad,negative\n")
+    args = ["--quiet", "train", "--model", str(tiny_model_dir), "--data", str(data), "--max-steps", "1"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--id-column", "text"]) == 0  # texts differ: no duplicate
+    assert main([*args, "--out", str(tmp_path / "b"), "--id-column", ""]) == 0  # check off
+    assert main([*args, "--out", str(tmp_path / "c")]) == 2  # the default column 'id' repeats
+    assert "duplicate id '1'" in capsys.readouterr().err

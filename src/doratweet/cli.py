@@ -55,6 +55,8 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
                    "folder, or 'train=a.csv,test=b.csv' (default: $DORATWEET_DATA, else tweet_eval)")
     p.add_argument("--text-column", default="text", help="text column of CSV/JSONL/Parquet data (default: %(default)s)")
     p.add_argument("--label-column", default="label", help="label column of CSV/JSONL/Parquet data (default: %(default)s)")
+    p.add_argument("--id-column", default="id", help="column whose values must be unique when the table has it; "
+                   "'' for no check (default: %(default)s)")
     p.add_argument("--skip-bad-rows", action="store_true", help="drop bad rows and say how many, instead of "
                    "stopping at the first (default: off)")
 
@@ -70,7 +72,8 @@ def bf16_choice(args) -> bool | None:
 
 
 def data_options(args) -> dict:
-    return {"text_column": args.text_column, "label_column": args.label_column, "skip_bad_rows": args.skip_bad_rows}
+    return {"text_column": args.text_column, "label_column": args.label_column, "id_column": args.id_column or None,
+            "skip_bad_rows": args.skip_bad_rows}
 
 
 def add_training_options(p: argparse.ArgumentParser, preset_defaults: bool) -> None:
