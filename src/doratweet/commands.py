@@ -70,7 +70,7 @@ def evaluate_command(args, data_options: dict, bf16: bool | None) -> dict:
         base = load_base_model(args.model, device=default_device(), trust_remote_code=args.trust_remote_code)
     fmt = make_prompt_format(base.tokenizer, system_prompt or DEFAULT_SYSTEM_PROMPT)
     model = inference_model(base.model, default_device(), bf16, copy=False)
-    predictions, metrics = timed_predictions(model, fmt, split, args.mode, args.batch_size)
+    predictions, metrics = timed_predictions(model, fmt, split, args.mode, args.batch_size, progress=not args.quiet)
     metrics.update(base_model_id=base.base_model_id, adapter=args.adapter, environment=environment(default_device()))
     if args.out:
         out = Path(args.out)
