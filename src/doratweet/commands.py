@@ -11,6 +11,7 @@ from . import LABELS, distributed
 from .adapters import load_adapter, merge_adapters, read_adapter_config, target_module_names
 from .data import load_data, load_split
 from .errors import UserError
+from .files import write_atomically
 from .evaluate import UNPARSED
 from .hardware import default_device, inference_model
 from .models import EMBEDDED_NAME, load_base_model
@@ -21,7 +22,6 @@ from .predict import (
     base_model_spec,
     format_predictions,
     read_prediction_input,
-    write_atomically,
 )
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
 from .train import TrainConfig, train

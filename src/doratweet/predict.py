@@ -14,7 +14,6 @@ import torch
 from . import LABELS
 from .adapters import load_adapter, read_adapter_config
 from .errors import UserError
-from .files import write_atomically  # noqa: F401  (re-exported for commands.py)
 from .hardware import default_device, inference_model
 from .evaluate import predict as predict_with_model
 from .models import EMBEDDED_NAME, EMBEDDED_UPSTREAM_ID, load_base_model
