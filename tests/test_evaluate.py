@@ -86,3 +86,23 @@ def test_scores_that_overflow_in_half_precision_are_an_error_not_a_label():
                 p.mul_(30)
     with pytest.raises(UserError, match=r"2 of 2 tweets got non-finite scores with float16 weights.*--precision fp32"):
         score_labels(model, fmt, fmt.prompt_ids(["hello there", "bad day"]))
+
+
+def test_bf16_inference_keeps_the_output_head_in_fp32_and_both_modes_work():
+    from doratweet.hardware import inference_model
+
+    model, tokenizer = build_tiny_model()
+    fmt = make_prompt_format(tokenizer)
+    texts = [t for t, _ in TWEETS]
+    exact = score_labels(model, fmt, fmt.prompt_ids(texts))
+    bf16 = inference_model(model, torch.device("cpu"), bf16=True)
+    assert bf16.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert bf16.get_output_embeddings().weight.dtype == torch.float32
+    assert model.get_output_embeddings().weight.dtype == torch.float32  # the original is left as it was
+    hidden = torch.randn(4, 64).to(torch.bfloat16)
+    logits = bf16.get_output_embeddings()(hidden)  # fp32 weights, fp32 arithmetic, on bf16 hidden states
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, hidden.float() @ model.get_output_embeddings().weight.detach().T, atol=1e-5)
+    scores = score_labels(bf16, fmt, fmt.prompt_ids(texts))
+    assert (scores.argmax(axis=1) == exact.argmax(axis=1)).mean() >= 0.9
+    assert len(predict(bf16, fmt, texts[:2], "generate").answers) == 2

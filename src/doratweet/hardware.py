@@ -30,4 +30,24 @@ def inference_model(model, device: torch.device, bf16: bool | None = None, copy:
 
     bf16 = bf16_is_fast(device) if bf16 is None else bf16
     merged = merge_adapters(copying.deepcopy(model) if copy else model).eval()
-    return merged.to(torch.bfloat16) if bf16 else merged
+    if not bf16:
+        return merged
+    head = Float32Head(merged.get_output_embeddings().weight)
+    merged.to(torch.bfloat16)
+    merged.config.tie_word_embeddings = False  # the embeddings go bf16, the head keeps its own fp32 copy
+    merged.set_output_embeddings(head)
+    return merged
+
+
+class Float32Head(torch.nn.Module):
+    """The output projection in fp32 for a bf16 model. Label scores are differences of log-probabilities over a
+    49k-word vocabulary; with bf16 head weights they moved enough to change 2.6% of the labels and macro-F1 by
+    0.009 (quick adapter, 1,000 test tweets), with this head 0.6% and 0.0002. It costs one fp32 copy of the
+    head and fp32 matmuls at the few positions scored or generated."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.detach().float().clone(), requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden.float(), self.weight)
