@@ -21,7 +21,7 @@ from itertools import islice
 from pathlib import Path
 
 from . import LABELS
-from .data import MAX_TEXT_CHARS
+from .data import MAX_TEXT_CHARS, parse_json_line
 from .errors import UserError
 
 log = logging.getLogger("doratweet")
@@ -105,11 +105,9 @@ def _jsonl_rows(path: Path, text_column: str, id_column: str | None) -> Iterator
             continue
         where = f"{path}:{line_number}"
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{where}: invalid JSON ({error.msg}); fix or remove that line") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{where}: expected a JSON object with a {text_column!r} field; fix that line")
+            record = parse_json_line(line)
+        except ValueError as error:
+            raise UserError(f"{where}: {error}; fix or remove that line") from None
         if text_column not in record:
             raise UserError(f"{where}: no field {text_column!r} (fields: {', '.join(map(repr, record))}); "
                             "choose one with --text-column")

@@ -512,6 +512,17 @@ def _csv_header(where: str, names: list[str]) -> list[str]:
     return names
 
 
+def parse_json_line(line: str) -> dict:
+    """One JSON Lines record (training data and prediction input alike); a ValueError says what is wrong."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"malformed JSON ({error.msg}); expected one JSON object per line (JSON Lines)") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object per line, found {type(record).__name__}")
+    return record
+
+
 def _read_jsonl(path: Path, bad_rows: _BadRows) -> tuple[list[str], list[tuple[str, dict]]]:
     columns: dict[str, None] = {}  # every key seen, in order of first appearance
     rows = []
@@ -520,12 +531,9 @@ def _read_jsonl(path: Path, bad_rows: _BadRows) -> tuple[list[str], list[tuple[s
             continue
         where = f"{path}:{line_number}"
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            bad_rows.add(where, f"malformed JSON ({error.msg}); expected one JSON object per line (JSON Lines)")
-            continue
-        if not isinstance(record, dict):
-            bad_rows.add(where, f"expected a JSON object per line, found {type(record).__name__}")
+            record = parse_json_line(line)
+        except ValueError as error:
+            bad_rows.add(where, str(error))
             continue
         columns.update(dict.fromkeys(record))
         rows.append((where, record))
