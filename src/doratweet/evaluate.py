@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 
@@ -71,6 +72,16 @@ def prefix_cache(decoder, prefix: list[int], batch: int, device):
     return cache
 
 
+def batch_copy(cache, batch: int):
+    """A fresh cache holding `cache`'s keys/values repeated for a batch (the forward pass appends to it, so each batch
+    needs its own); only for caches computed without gradients."""
+    if cache is None:
+        return None
+    fresh = copy.deepcopy(cache)
+    fresh.batch_repeat_interleave(batch)
+    return fresh
+
+
 @dataclass
 class AnswerBranches:
     """The labels' answers laid out to follow a prompt in one forward pass: every answer's tokens but the last are
@@ -118,7 +129,7 @@ def score_labels(
 ) -> np.ndarray:
     """Log-likelihood of each label's full answer (label tokens + end-of-turn) after each prompt: [n, 3].
 
-    One forward pass per batch: the shared system-prompt prefix comes from a cache computed once per batch, the
+    One forward pass per batch: the shared system-prompt prefix comes from a cache computed once per call, the
     answers follow the prompt as branches (see `AnswerBranches`), and the vocabulary projection runs only at the
     positions that predict an answer token.
     """
@@ -129,6 +140,7 @@ def score_labels(
     n_labels = len(fmt.answer_ids)
 
     prefix = common_prefix(fmt, prompts)
+    prefix_keys_values = prefix_cache(decoder, prefix, 1, device)  # the same for every batch: computed once
     rests = [p[len(prefix) :] for p in prompts]
     scores = np.zeros((len(prompts), n_labels), dtype=np.float64)
     batches = batches_by_length(rests, batch_size)
@@ -136,7 +148,7 @@ def score_labels(
         # [shared prefix][left padding][rest of the prompt][answer branches]: pads are masked out.
         ids, rest_mask, rest_positions = left_pad([rests[i] for i in batch], fmt.tokenizer.pad_token_id, device)
         b, r = ids.shape
-        cache = prefix_cache(decoder, prefix, b, device)
+        cache = batch_copy(prefix_keys_values, b)
         last = rest_positions[:, -1:] + len(prefix)
         positions = torch.cat([rest_positions + len(prefix), last + 1 + branches.depth], dim=1)
         hidden = decoder(input_ids=torch.cat([ids, branches.fed.expand(b, -1)], dim=1),
