@@ -155,3 +155,16 @@ def test_the_duplicate_id_check_follows_id_column(tiny_model_dir, tmp_path, caps
     assert main([*args, "--out", str(tmp_path / "b"), "--id-column", ""]) == 0  # check off
     assert main([*args, "--out", str(tmp_path / "c")]) == 2  # the default column 'id' repeats
     assert "duplicate id '1'" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_same_command_and_keeps_its_exit_status(tmp_path):
+    # `python -m doratweet` is how the GPU script runs the package from PYTHONPATH, uninstalled.
+    import subprocess
+    import sys
+
+    version = subprocess.run([sys.executable, "-m", "doratweet", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("doratweet ")
+    missing = subprocess.run([sys.executable, "-m", "doratweet", "evaluate", "--data", str(tmp_path / "none")],
+                             capture_output=True, text=True)
+    assert missing.returncode != 0
+    assert len(missing.stderr.strip().splitlines()) == 1 and "none" in missing.stderr
