@@ -170,6 +170,21 @@ def test_intro_says_what_the_adapter_is_and_quotes_the_subset_note(card):
     assert f"> **Trained and evaluated on subsets:** {METRICS['subset_note']}" in intro
 
 
+def test_intro_says_which_test_tweets_the_figures_come_from(card, tmp_path):
+    # METRICS scored 1,000 of 12,284 test tweets: the intro says so and warns against comparing.
+    intro = card.split("\n## How to use\n", 1)[0]
+    assert f"On the first {AFTER_SCORE['n']:,} test tweets it reaches macro-F1 **0.603**" in intro
+    assert "not directly comparable" in intro
+    # Trained on a subset but scored on the whole split (the shipped adapter): no warning about the figures.
+    whole = {"results": {stage: {"test": {"score": {**figures, "n": 12284}}}
+                         for stage, figures in (("before", BEFORE_SCORE), ("after", AFTER_SCORE))}}
+    card = render_model_card({**METRICS, **whole, "subset_note": "trained on the first 20,000 of 45,615 train tweets"},
+                             ADAPTER_CONFIG, {}, tmp_path)
+    intro = card.split("\n## How to use\n", 1)[0]
+    assert "On the whole test split (12,284 tweets) it reaches macro-F1 **0.603**" in intro
+    assert "The figures above are on the whole test split." in intro and "not directly comparable" not in intro
+
+
 def test_card_without_subset_note_has_no_subset_quote(tmp_path):
     metrics = {**METRICS, "subset_note": None}
     card = render_model_card(metrics, ADAPTER_CONFIG, {}, tmp_path)

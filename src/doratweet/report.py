@@ -315,15 +315,20 @@ def _intro(metrics: dict, method_name: str) -> str:
         f"(sentiment) and is saved in PEFT's format, so plain PEFT + transformers can load it too."
     ]
     before, after = _headline(metrics, "before"), _headline(metrics, "after")
+    test_size = metrics.get("data", {}).get("sizes", {}).get("test")
+    whole_test = bool(after) and after.get("n") == test_size
     if after:
-        summary = (f"On the test split it reaches macro-F1 **{after['macro_f1']:.3f}** "
+        where = (f"On the whole test split ({test_size:,} tweets)" if whole_test else
+                 f"On the first {after['n']:,} test tweets" if after.get("n") else "On the test split")
+        summary = (f"{where} it reaches macro-F1 **{after['macro_f1']:.3f}** "
                    f"(macro-recall {after['macro_recall']:.3f}, accuracy {after['accuracy']:.3f}")
         if before:
             summary += f"; the base model zero-shot: macro-F1 {before['macro_f1']:.3f}"
         lines.append(summary + ").")
     if metrics.get("subset_note"):
-        lines.append(f"> **Trained and evaluated on subsets:** {metrics['subset_note']}. These figures are "
-                     f"not directly comparable with results on the full TweetEval test split.")
+        caveat = ("The figures above are on the whole test split." if whole_test else
+                  "These figures are not directly comparable with results on the full TweetEval test split.")
+        lines.append(f"> **Trained and evaluated on subsets:** {metrics['subset_note']}. {caveat}")
     return "\n\n".join(lines)
 
 
