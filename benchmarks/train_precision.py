@@ -6,6 +6,7 @@ Each precision runs in its own process (fresh model, same seed, same batches of 
 kernels and caches would otherwise colour the next measurement. Prints a table and writes JSON. Not a test.
 
     python benchmarks/train_precision.py --data ../shared/data/tweeteval/sentiment --steps 8
+    python benchmarks/train_precision.py --profile fp32 --steps 5   # torch.profiler's top ops for steps 3-5
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 PRECISIONS = ("fp32", "bf16 autocast", "bf16 weights + autocast")
 
 
-def measure(precision: str, data: str, steps: int, batch_size: int) -> dict:
+def measure(precision: str, data: str, steps: int, batch_size: int, profiler=None) -> dict:
     from doratweet.adapters import DEFAULT_TARGETS, add_adapters, adapter_parameters
     from doratweet.data import load_split
     from doratweet.evaluate import common_prefix
@@ -46,7 +47,9 @@ def measure(precision: str, data: str, steps: int, batch_size: int) -> dict:
     optimizer = torch.optim.AdamW(adapter_parameters(model), lr=5e-4)
     model.train()
     seconds, losses = [], []
-    for batch in batches:
+    for step, batch in enumerate(batches):
+        if profiler is not None and step == 2:  # the first two steps warm up kernels and allocator
+            profiler.start()
         rows = [(examples[i][0][len(prefix):], examples[i][1][len(prefix):]) for i in batch]
         ids, targets, mask = right_pad(rows, fmt.tokenizer.pad_token_id, "cpu")
         start = time.perf_counter()
@@ -57,6 +60,8 @@ def measure(precision: str, data: str, steps: int, batch_size: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - start)
         losses.append(round(loss.item(), 4))
+    if profiler is not None:
+        profiler.stop()
     timed = seconds[2:] or seconds  # the first two steps warm up kernels and allocator
     return {"precision": precision, "s_per_step": round(sum(timed) / len(timed), 3), "losses": losses}
 
@@ -67,10 +72,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--one", choices=PRECISIONS, help=argparse.SUPPRESS)  # the child process's job
+    parser.add_argument("--profile", choices=PRECISIONS, help="profile one precision instead of timing all three")
     parser.add_argument("--out", default="benchmarks/results/train_precision.json")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.one, args.data, args.steps, args.batch_size)))
+        return
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        profiler = profile(activities=[ProfilerActivity.CPU])
+        print(measure(args.profile, args.data, args.steps, args.batch_size, profiler))
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
         return
     rows = []
     for precision in PRECISIONS:
