@@ -88,3 +88,47 @@ def test_shared_prefix_loss_and_gradients_equal_the_full_sequence_ones():
     assert shared.item() == pytest.approx(full.item(), rel=1e-5)
     for a, b in zip(shared_grads, full_grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def train_cli(model_dir, data_dir, out, *extra) -> list[str]:
+    return ["--quiet", "train", "--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
+            "--batch-size", "4", "--dropout", "0", *extra]
+
+
+def test_init_adapter_goes_on_from_its_weights_with_its_shape_on_the_tweets_after_train_skip(
+        tiny_model_dir, tiny_data_dir, tmp_path):
+    from doratweet.cli import main
+
+    first = tmp_path / "first"
+    assert main(train_cli(tiny_model_dir, tiny_data_dir, first, "--train-limit", "6", "--max-steps", "3",
+                          "--lr", "1e-2", "--rank", "4", "--alpha", "8")) == 0
+    # A learning rate so small that one AdamW step cannot move a weight by more than 1e-8: the result is the start.
+    further = tmp_path / "further"
+    assert main(train_cli(tiny_model_dir, tiny_data_dir, further, "--init-adapter", str(first), "--train-skip", "6",
+                          "--max-steps", "1", "--lr", "1e-9")) == 0
+    start = load_file(first / "adapter" / "adapter_model.safetensors")
+    after = load_file(further / "adapter" / "adapter_model.safetensors")
+    assert start.keys() == after.keys()
+    assert any(k.endswith("lora_B.weight") and t.abs().max() > 1e-4 for k, t in start.items())  # trained, not new
+    assert all(torch.allclose(start[k], after[k], atol=1e-8) for k in start)
+    config = json.loads((further / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8  # the adapter's shape, not the defaults (16, 32)
+    assert config["doratweet"]["train_skip"] == 6
+    summary = json.loads((further / "train_summary.json").read_text())
+    assert summary["train_examples"] == len(TWEETS) - 6
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--rank", "8"], "--rank 8: the --init-adapter"),
+    (["--resume"], "--init-adapter with --resume"),
+    (["--train-skip", "99"], "--train-skip 99: the train split has only 12 rows"),
+])
+def test_init_adapter_and_train_skip_mistakes_are_one_line(tiny_model_dir, tiny_data_dir, tiny_run_dir, tmp_path,
+                                                           capsys, extra, expected):
+    from doratweet.cli import main
+
+    out = tmp_path / "further"
+    assert main(train_cli(tiny_model_dir, tiny_data_dir, out, "--init-adapter", str(tiny_run_dir), *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+    assert not out.exists()

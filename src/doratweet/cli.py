@@ -134,7 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(tr)
     add_data_options(tr)
     tr.add_argument("--out", required=True, help="folder for adapter/, checkpoint/ and train_log.jsonl (required)")
+    tr.add_argument("--train-skip", type=int, default=0, help="leave out the first N train tweets, before "
+                    "--train-limit applies, e.g. those an --init-adapter was trained on (default: %(default)s)")
     tr.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N tweets (default: all)")
+    tr.add_argument("--init-adapter", default=None, help="adapter or run folder to start from instead of a new "
+                    "adapter (fine-tune it further); its method, rank, alpha, targets and rsLoRA apply (default: none)")
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (default: off)")
     tr.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder (default: off)")
     tr.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base model across the processes "

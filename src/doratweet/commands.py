@@ -34,26 +34,55 @@ def train_command(args, config: TrainConfig, data_options: dict) -> dict:
     """Rank 0 alone checks and writes --out; every rank trains (see train.py)."""
     out_dir = Path(args.out)
     main = distributed.is_main_process()
+    init_folder = adopt_adapter_shape(args, config) if args.init_adapter else None
     if main:
         check_out_dir(out_dir, args.overwrite, args.resume)
     splits = load_data(args.data, **data_options)
     if "train" not in splits:
         raise UserError(f"--data: has no train split (found: {', '.join(splits)})")
-    model_spec = args.model or EMBEDDED_NAME
+    train_split = splits["train"].skip(args.train_skip).head(args.train_limit)
+    model_spec = args.model or (base_model_spec(read_adapter_config(init_folder)) if init_folder else EMBEDDED_NAME)
     with distributed.main_process_first():
         base = load_base_model(model_spec, device=distributed.process_device(),
                                trust_remote_code=args.trust_remote_code)
     config.extra = {"system_prompt": args.system_prompt, "model_spec": model_spec, "labels": list(LABELS)}
-    fmt = make_prompt_format(base.tokenizer, args.system_prompt)
     target_module_names(base.model, config.targets)
+    if init_folder:
+        load_adapter(base.model, init_folder, dropout=config.dropout)
+        config.extra.update(init_adapter=str(init_folder), train_skip=args.train_skip)
+    fmt = make_prompt_format(base.tokenizer, args.system_prompt)
     if main:
         start_out_dir(out_dir, args.overwrite)
-    summary = train(base.model, fmt, splits["train"].head(args.train_limit), splits.get("validation"), config, out_dir,
+    summary = train(base.model, fmt, train_split, splits.get("validation"), config, out_dir,
                     resume=args.resume, progress=not args.quiet, base_model_id=base.base_model_id)
     if main:
         write_json(out_dir / "train_summary.json", summary)
         log.info("adapter saved in %s", out_dir / "adapter")
     return summary
+
+
+# The options that fix an adapter's shape; an --init-adapter brings its own.
+ADAPTER_SHAPE = ("method", "rank", "alpha", "targets", "use_rslora")
+
+
+def adopt_adapter_shape(args, config: TrainConfig) -> Path:
+    """--init-adapter: its folder, with its shape copied into `config`. A shape option the user gave with another
+    value is refused: a different rank or other targets would be a new adapter, not this one trained further."""
+    if args.resume:
+        raise UserError("--init-adapter with --resume: --resume already continues from the checkpoint in --out; "
+                        "drop one of them")
+    folder = adapter_folder(args.init_adapter)
+    saved = read_adapter_config(folder)
+    for name in ADAPTER_SHAPE:
+        given, own = getattr(args, name, None), getattr(saved, name)
+        if name == "targets" and given is not None:
+            given, own = sorted(given), sorted(own)
+        if given is not None and given != own:
+            flag = "--rslora" if name == "use_rslora" else "--" + name
+            raise UserError(f"{flag} {given}: the --init-adapter {args.init_adapter} has {own}; drop {flag} "
+                            "(an adapter trained further keeps its shape)")
+        setattr(config, name, getattr(saved, name))
+    return folder
 
 
 def evaluate_command(args, data_options: dict, bf16: bool | None) -> dict:

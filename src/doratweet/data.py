@@ -79,6 +79,14 @@ class Split:
             raise UserError(f"row limit (--limit) must be 0 or more, got {n}")
         return replace(self, texts=self.texts[:n], labels=self.labels[:n])
 
+    def skip(self, n: int) -> Split:
+        """All rows after the first `n`, e.g. to go on training an adapter on tweets it has not seen."""
+        if n < 0:
+            raise UserError(f"--train-skip must be 0 or more, got {n}")
+        if n >= len(self):
+            raise UserError(f"--train-skip {n}: the {self.name} split has only {len(self)} rows; skip fewer")
+        return replace(self, texts=self.texts[n:], labels=self.labels[n:])
+
 
 def canonical_split_name(name: str) -> str:
     """`val`, `valid` and `dev` all mean `validation`; names are case-insensitive."""

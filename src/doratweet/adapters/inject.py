@@ -196,13 +196,15 @@ def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
     return AdapterConfig.from_peft(raw, str(config_file))
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Add the adapter saved at `path` (by doratweet or by PEFT) to a base model without adapters."""
+def load_adapter(model: nn.Module, path: str | os.PathLike, dropout: float | None = None) -> nn.Module:
+    """Add the adapter saved at `path` (by doratweet or by PEFT) to a base model without adapters.
+    `dropout` replaces the saved one, for training the adapter further."""
     config = read_adapter_config(path)
     weights_file = Path(path) / WEIGHTS_FILE
     if not weights_file.is_file():
         raise UserError(f"--adapter {path}: {WEIGHTS_FILE} is missing")
-    add_adapters(model, config.method, config.rank, config.alpha, config.dropout, config.targets, config.use_rslora)
+    dropout = config.dropout if dropout is None else dropout
+    add_adapters(model, config.method, config.rank, config.alpha, dropout, config.targets, config.use_rslora)
     get_adapter_config(model).base_model_id = config.base_model_id
     get_adapter_config(model).extra = {**get_adapter_config(model).extra, **config.extra}
     _check_base_model(model, config, weights_file)
