@@ -8,7 +8,7 @@ import zlib
 import pandas as pd
 import pytest
 
-from doratweet.batch_predict import predict_file, scan_output
+from doratweet.batch_predict import iter_input_rows, predict_file, scan_output
 from doratweet.cli import main
 from doratweet.errors import UserError
 
@@ -168,6 +168,29 @@ def test_crlf_input_is_read_like_lf_even_inside_quoted_csv_texts(tmp_path):
     source.write_bytes(b'id,text\r\n1,"two\r\nlines"\r\n2,plain\r\n')
     run(source, tmp_path / "out.jsonl")
     assert [row["text"] for row in read_rows(tmp_path / "out.jsonl")] == ["two\nlines", "plain"]
+
+
+def test_a_csv_error_names_the_line_its_row_starts_on_after_texts_that_span_lines(tmp_path):
+    source = tmp_path / "in.csv"
+    source.write_text('id,text\n1,"three\nline\ntext"\n2,"' + "x" * 1_000_000 + '"\n')
+    with pytest.raises(UserError, match=r"in\.csv:5: text is 1,000,000 characters"):
+        list(iter_input_rows(source))
+    source.write_text('id,text\n1,"two\nlines"\n2,a,b\n')
+    with pytest.raises(UserError, match=r"in\.csv:4: more fields than the header has columns \(3, not 2\)"):
+        list(iter_input_rows(source))
+    source.write_bytes(b'id,text\n1,"two\nlines"\n2,caf\xe9\n')
+    with pytest.raises(UserError, match=r"in\.csv:4: not valid UTF-8"):
+        list(iter_input_rows(source))
+
+
+def test_csv_cells_stay_strings_and_blank_lines_are_skipped(tmp_path):
+    source = tmp_path / "in.csv"
+    source.write_text('id,text\n007,NA\n\n8,""\n9\n')
+    rows = []
+    with pytest.raises(UserError, match=r"in\.csv:4: empty text"):  # line 4 (the blank line 3 is skipped)
+        for row in iter_input_rows(source):
+            rows.append(row)
+    assert [(r.where.rsplit(":", 1)[1], r.text, r.row_id) for r in rows] == [("2", "NA", "007")]
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv"])

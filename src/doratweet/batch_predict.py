@@ -1,6 +1,6 @@
 """File-to-file prediction for inputs of any size: stream, label in batches, append, resume.
 
-`predict_file` reads the input a batch at a time (.txt and .jsonl line by line, .csv in pandas chunks,
+`predict_file` reads the input a batch at a time (.txt and .jsonl line by line, .csv with Python's csv,
 .parquet with pyarrow's `iter_batches`), so memory holds one batch, never the file. Each labelled batch is
 appended to the output and flushed: the output on disk is always a prefix of the final file plus at most
 one half-written line. That is what resuming relies on: count the complete rows already written, cut off
@@ -28,7 +28,7 @@ log = logging.getLogger("doratweet")
 
 INPUT_SUFFIXES = (".txt", ".csv", ".jsonl", ".json", ".parquet")
 OUTPUT_FORMATS = ("jsonl", "csv")
-READ_CHUNK_ROWS = 4096  # rows pandas / pyarrow decode at once: bounded memory, few Python round trips
+READ_CHUNK_ROWS = 4096  # rows pyarrow decodes at once: bounded memory, few Python round trips
 
 
 @dataclass(frozen=True)
@@ -115,25 +115,35 @@ def _jsonl_rows(path: Path, text_column: str, id_column: str | None) -> Iterator
 
 
 def _csv_rows(path: Path, text_column: str, id_column: str | None) -> Iterator[InputRow]:
-    import pandas as pd
-
-    # dtype=str and no NA parsing, as data.py reads CSV: an empty cell stays "", "NA" stays a tweet.
+    """Python's csv over the file's lines, as data.py reads CSV: each row is named by the line it starts on
+    (a quoted text may span lines), every cell stays a string ("NA" stays a tweet), and a line that is not
+    UTF-8 is named by `_binary_lines`."""
+    reader = csv.reader((line for _, line in _binary_lines(path)), strict=True)
+    header: list[str] | None = None
+    start = 1  # the line the next row starts on
+    # csv refuses cells over 128 KiB; a giant text must reach the length check instead, which names its line.
+    field_size_limit = csv.field_size_limit(2**31 - 1)
     try:
-        chunks = pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=READ_CHUNK_ROWS, encoding="utf-8-sig")
-        first_row = 0
-        for chunk in chunks:
-            _require_column(path, list(chunk.columns), text_column)
-            has_id = id_column is not None and id_column in chunk.columns
-            ids = chunk[id_column].tolist() if has_id else [None] * len(chunk)
-            for offset, (text, row_id) in enumerate(zip(chunk[text_column].tolist(), ids)):
-                # The header is line 1, so data row i (0-based) is on line i + 2 (without quoted newlines).
-                where = f"{path}:{first_row + offset + 2}"
-                text = text.replace("\r\n", "\n")  # a quoted text from a Windows file, read as data.py reads it
-                yield InputRow(where, _checked_text(where, text), row_id)
-            first_row += len(chunk)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        reason = str(error).strip().splitlines()[0]
-        raise UserError(f"{path}: not a readable UTF-8 CSV ({reason}); use a header row and quote texts with commas") from None
+        for fields in reader:
+            where, start = f"{path}:{start}", reader.line_num + 1
+            if not fields:
+                continue  # a blank line
+            if header is None:
+                header = fields
+                _require_column(path, header, text_column)
+                id_index = header.index(id_column) if id_column in header else None
+                continue
+            if len(fields) > len(header):
+                raise UserError(f"{where}: more fields than the header has columns ({len(fields)}, not {len(header)}); "
+                                "quote texts that contain commas")
+            fields += [""] * (len(header) - len(fields))  # a short row reads as empty cells
+            text = fields[header.index(text_column)].replace("\r\n", "\n")  # a quoted text from a Windows file
+            yield InputRow(where, _checked_text(where, text), fields[id_index] if id_index is not None else None)
+    except csv.Error as error:
+        raise UserError(f"{path}:{start}: not valid CSV ({error}); check the quotes: put a text that holds commas, "
+                        "quotes or line breaks in double quotes, and double each quote inside it") from None
+    finally:
+        csv.field_size_limit(field_size_limit)
 
 
 def _parquet_rows(path: Path, text_column: str, id_column: str | None) -> Iterator[InputRow]:
