@@ -120,7 +120,7 @@ def test_init_adapter_goes_on_from_its_weights_with_its_shape_on_the_tweets_afte
 
 @pytest.mark.parametrize("extra, expected", [
     (["--rank", "8"], "--rank 8: the --init-adapter"),
-    (["--resume"], "--init-adapter with --resume"),
+    (["--resume"], "--resume: no checkpoint in"),  # resuming a run that began from an adapter needs its checkpoint
     (["--train-skip", "99"], "--train-skip 99: the train split has only 12 rows"),
 ])
 def test_init_adapter_and_train_skip_mistakes_are_one_line(tiny_model_dir, tiny_data_dir, tiny_run_dir, tmp_path,
@@ -132,3 +132,16 @@ def test_init_adapter_and_train_skip_mistakes_are_one_line(tiny_model_dir, tiny_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err, err
     assert not out.exists()
+
+
+def test_run_with_init_adapter_trains_it_further_and_says_which_tweets(tiny_model_dir, tiny_data_dir, tiny_run_dir,
+                                                                       tmp_path):
+    from doratweet.cli import main
+
+    out = tmp_path / "further"
+    assert main(["--quiet", "run", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir), "--out", str(out),
+                 "--init-adapter", str(tiny_run_dir), "--train-skip", "6", "--max-steps", "1", "--batch-size", "4"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["training"]["train_examples"] == len(TWEETS) - 6
+    assert metrics["training"]["rank"] == json.loads((tiny_run_dir / "adapter" / "adapter_config.json").read_text())["r"]
+    assert metrics["subset_note"].startswith(f"trained on train tweets 7-{len(TWEETS)} of {len(TWEETS)}")

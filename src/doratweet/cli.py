@@ -91,6 +91,13 @@ def training_overrides(args) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
+def add_init_adapter_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init-adapter", default=None, help="adapter or run folder to start from instead of a new adapter "
+                   "(train it further); its method, rank, alpha, targets and rsLoRA apply (default: none)")
+    p.add_argument("--train-skip", type=int, default=0, help="leave out the first N train tweets, before --train-limit "
+                   "applies, e.g. those the --init-adapter was trained on (default: %(default)s)")
+
+
 class OneLineErrors(argparse.ArgumentParser):
     """argparse prints the whole usage before an error; one line naming the option and where to look reads better."""
 
@@ -121,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="quick: subsets for a CPU in < 15 min; best: the shipped adapter's recipe (20k train "
                      "tweets, whole test split, ~70 min on a CPU); full: all data (default: full on CUDA, else quick)")
     run.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N tweets (default: preset's)")
+    add_init_adapter_options(run)
     run.add_argument("--test-limit", type=positive_int, default=None, help="evaluate on the first N test tweets (default: preset's)")
     run.add_argument("--generate-limit", type=positive_int, default=None,
                      help="evaluate generation on the first N of those (default: preset's)")
@@ -134,11 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(tr)
     add_data_options(tr)
     tr.add_argument("--out", required=True, help="folder for adapter/, checkpoint/ and train_log.jsonl (required)")
-    tr.add_argument("--train-skip", type=int, default=0, help="leave out the first N train tweets, before "
-                    "--train-limit applies, e.g. those an --init-adapter was trained on (default: %(default)s)")
     tr.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N tweets (default: all)")
-    tr.add_argument("--init-adapter", default=None, help="adapter or run folder to start from instead of a new "
-                    "adapter (fine-tune it further); its method, rank, alpha, targets and rsLoRA apply (default: none)")
+    add_init_adapter_options(tr)
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (default: off)")
     tr.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder (default: off)")
     tr.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base model across the processes "
@@ -254,7 +259,8 @@ def cmd_run(args) -> int:
 
     run_pipeline(model_spec=args.model, data_spec=args.data, data_options=data_options(args), out_dir=args.out, preset_name=args.preset,
                  training_overrides=training_overrides(args), train_limit=args.train_limit,
-                 test_limit=args.test_limit, generate_limit=args.generate_limit, system_prompt=args.system_prompt, batch_size=args.eval_batch_size,
+                 test_limit=args.test_limit, generate_limit=args.generate_limit, system_prompt=args.system_prompt, init_adapter=args.init_adapter, train_skip=args.train_skip,
+                 batch_size=args.eval_batch_size,
                  overwrite=args.overwrite, resume=args.resume, eval_bf16=bf16_choice(args), trust_remote_code=args.trust_remote_code,
                  progress=not args.quiet)
     return 0

@@ -15,7 +15,16 @@ from .files import write_atomically
 from .evaluate import UNPARSED
 from .hardware import default_device, inference_model
 from .models import EMBEDDED_NAME, load_base_model
-from .pipeline import check_out_dir, environment, start_out_dir, timed_predictions, write_json, write_label_ids
+from .pipeline import (
+    adopt_adapter_shape,
+    check_out_dir,
+    environment,
+    start_from_adapter,
+    start_out_dir,
+    timed_predictions,
+    write_json,
+    write_label_ids,
+)
 from .predict import (
     SentimentClassifier,
     adapter_folder,
@@ -34,7 +43,7 @@ def train_command(args, config: TrainConfig, data_options: dict) -> dict:
     """Rank 0 alone checks and writes --out; every rank trains (see train.py)."""
     out_dir = Path(args.out)
     main = distributed.is_main_process()
-    init_folder = adopt_adapter_shape(args, config) if args.init_adapter else None
+    init_folder = adopt_adapter_shape(args.init_adapter, vars(args), config) if args.init_adapter else None
     if main:
         check_out_dir(out_dir, args.overwrite, args.resume)
     splits = load_data(args.data, **data_options)
@@ -48,8 +57,7 @@ def train_command(args, config: TrainConfig, data_options: dict) -> dict:
     config.extra = {"system_prompt": args.system_prompt, "model_spec": model_spec, "labels": list(LABELS)}
     target_module_names(base.model, config.targets)
     if init_folder:
-        load_adapter(base.model, init_folder, dropout=config.dropout)
-        config.extra.update(init_adapter=str(init_folder), train_skip=args.train_skip)
+        start_from_adapter(base.model, init_folder, config, args.train_skip)
     fmt = make_prompt_format(base.tokenizer, args.system_prompt)
     if main:
         start_out_dir(out_dir, args.overwrite)
@@ -59,30 +67,6 @@ def train_command(args, config: TrainConfig, data_options: dict) -> dict:
         write_json(out_dir / "train_summary.json", summary)
         log.info("adapter saved in %s", out_dir / "adapter")
     return summary
-
-
-# The options that fix an adapter's shape; an --init-adapter brings its own.
-ADAPTER_SHAPE = ("method", "rank", "alpha", "targets", "use_rslora")
-
-
-def adopt_adapter_shape(args, config: TrainConfig) -> Path:
-    """--init-adapter: its folder, with its shape copied into `config`. A shape option the user gave with another
-    value is refused: a different rank or other targets would be a new adapter, not this one trained further."""
-    if args.resume:
-        raise UserError("--init-adapter with --resume: --resume already continues from the checkpoint in --out; "
-                        "drop one of them")
-    folder = adapter_folder(args.init_adapter)
-    saved = read_adapter_config(folder)
-    for name in ADAPTER_SHAPE:
-        given, own = getattr(args, name, None), getattr(saved, name)
-        if name == "targets" and given is not None:
-            given, own = sorted(given), sorted(own)
-        if given is not None and given != own:
-            flag = "--rslora" if name == "use_rslora" else "--" + name
-            raise UserError(f"{flag} {given}: the --init-adapter {args.init_adapter} has {own}; drop {flag} "
-                            "(an adapter trained further keeps its shape)")
-        setattr(config, name, getattr(saved, name))
-    return folder
 
 
 def evaluate_command(args, data_options: dict, bf16: bool | None) -> dict:

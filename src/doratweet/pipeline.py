@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 
 from . import LABELS, __version__, distributed
-from .adapters import target_module_names
+from .adapters import load_adapter, read_adapter_config, target_module_names
 from .checkpoints import checkpoint_folders
 from .data import Split, load_data, resolve_data_spec
 from .errors import UserError
 from .evaluate import Predictions, classification_metrics, predict
 from .models import EMBEDDED_NAME, load_base_model
 from .hardware import inference_model
+from .predict import adapter_folder, base_model_spec
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
 from .train import CHECKPOINT_DIR, TrainConfig, train
 
@@ -114,6 +115,33 @@ def check_out_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:
         raise UserError(f"--out {out_dir}: the folder exists and is not empty; pass --overwrite or choose another")
 
 
+# The options that fix an adapter's shape; an --init-adapter brings its own.
+ADAPTER_SHAPE = ("method", "rank", "alpha", "targets", "use_rslora")
+
+
+def adopt_adapter_shape(init_adapter: str, given: dict, config: TrainConfig) -> Path:
+    """--init-adapter: its folder, with its shape copied into `config`. A shape option the user `given` with another
+    value is refused: a different rank or other targets would be a new adapter, not this one trained further."""
+    folder = adapter_folder(init_adapter)
+    saved = read_adapter_config(folder)
+    for name in ADAPTER_SHAPE:
+        value, own = given.get(name), getattr(saved, name)
+        if name == "targets" and value is not None:
+            value, own = sorted(value), sorted(own)
+        if value is not None and value != own:
+            flag = "--rslora" if name == "use_rslora" else "--" + name
+            raise UserError(f"{flag} {value}: the --init-adapter {init_adapter} has {own}; drop {flag} "
+                            "(an adapter trained further keeps its shape)")
+        setattr(config, name, getattr(saved, name))
+    return folder
+
+
+def start_from_adapter(model, folder: Path, config: TrainConfig, train_skip: int) -> None:
+    """Load the --init-adapter for training (with this run's dropout) and record where the run started."""
+    load_adapter(model, folder, dropout=config.dropout)
+    config.extra.update(init_adapter=str(folder), train_skip=train_skip)
+
+
 def start_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Create --out once the inputs are known to be good, so a bad input leaves no half-made folder behind."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,6 +184,8 @@ def run_pipeline(
     test_limit: int | None = None,
     generate_limit: int | None = None,
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    init_adapter: str | None = None,
+    train_skip: int = 0,
     batch_size: int = 32,
     overwrite: bool = False,
     resume: bool = False,
@@ -170,11 +200,12 @@ def run_pipeline(
     preset = PRESETS[preset_name or default_preset()]
     preset = replace(preset, train_limit=train_limit or preset.train_limit, test_limit=test_limit or preset.test_limit,
                      generate_limit=generate_limit or preset.generate_limit)
-    model_spec = model_spec or EMBEDDED_NAME
     data_spec = resolve_data_spec(data_spec)
     out_dir = Path(out_dir)
     config = training_config(preset, training_overrides or {})
     config.eval_limit = config.eval_limit or preset.eval_limit
+    init_folder = adopt_adapter_shape(init_adapter, training_overrides or {}, config) if init_adapter else None
+    model_spec = model_spec or (base_model_spec(read_adapter_config(init_folder)) if init_folder else EMBEDDED_NAME)
     config.extra = {"system_prompt": system_prompt, "model_spec": model_spec, "labels": list(LABELS)}
     if main:
         check_out_dir(out_dir, overwrite, resume)
@@ -183,11 +214,11 @@ def run_pipeline(
     for needed in ("train", "test"):
         if needed not in splits:
             raise UserError(f"--data {data_spec}: has no {needed} split (found: {', '.join(splits)})")
-    train_split = splits["train"].head(preset.train_limit)
+    train_split = splits["train"].skip(train_skip).head(preset.train_limit)
     test = splits["test"].head(preset.test_limit)
     generate_test = test.head(preset.generate_limit)
     validation = splits.get("validation")
-    subset_note = describe_subsets(preset, splits, train_split, test, generate_test)
+    subset_note = describe_subsets(preset, splits, train_split, test, generate_test, train_skip)
     if subset_note:
         log.info("preset %s: %s", preset.name, subset_note)
 
@@ -205,6 +236,8 @@ def run_pipeline(
         before_scored, before, examples_before = evaluate_both_modes(
             base.model, fmt, test, generate_test, batch_size, eval_bf16, examples_split, progress)
 
+    if init_folder:  # after the "before" evaluation, which stays the base model's
+        start_from_adapter(base.model, init_folder, config, train_skip)
     log.info("fine-tuning: %s", config)
     summary = train(base.model, fmt, train_split, validation, config, out_dir, resume=resume, progress=progress,
                     base_model_id=base.base_model_id)
@@ -239,9 +272,13 @@ def run_pipeline(
     return metrics
 
 
-def describe_subsets(preset: Preset, splits: dict[str, Split], train_split, test, generate_test) -> str | None:
+def describe_subsets(preset: Preset, splits: dict[str, Split], train_split, test, generate_test,
+                     train_skip: int = 0) -> str | None:
     parts = []
-    if len(train_split) < len(splits["train"]):
+    if train_skip:
+        parts.append(f"trained on train tweets {train_skip + 1:,}-{train_skip + len(train_split):,} of "
+                     f"{len(splits['train']):,}")
+    elif len(train_split) < len(splits["train"]):
         parts.append(f"trained on the first {len(train_split):,} of {len(splits['train']):,} train tweets")
     if len(test) < len(splits["test"]):
         parts.append(f"scored on the first {len(test):,} of {len(splits['test']):,} test tweets")
