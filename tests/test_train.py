@@ -1,6 +1,7 @@
 """The training loop: it learns, it is reproducible, and an interrupted run resumes to the same result."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -145,3 +146,64 @@ def test_run_with_init_adapter_trains_it_further_and_says_which_tweets(tiny_mode
     assert metrics["training"]["train_examples"] == len(TWEETS) - 6
     assert metrics["training"]["rank"] == json.loads((tiny_run_dir / "adapter" / "adapter_config.json").read_text())["r"]
     assert metrics["subset_note"].startswith(f"trained on train tweets 7-{len(TWEETS)} of {len(TWEETS)}")
+
+
+@pytest.fixture
+def two_round_preset(monkeypatch):
+    """`--preset quick` as a two-round recipe: 6 train tweets, then the other 6 from the first round's adapter."""
+    from doratweet.pipeline import PRESETS, Preset, Round
+
+    preset = Preset("quick", train_limit=None, test_limit=4, generate_limit=2, eval_limit=6,
+                    training=dict(epochs=1, batch_size=4, lr=1e-2, rank=4, alpha=8, dropout=0.0),
+                    rounds=(Round(6), Round(None, dict(lr=5e-3))))
+    monkeypatch.setitem(PRESETS, "quick", preset)
+
+
+def test_a_two_round_preset_equals_training_then_training_further(two_round_preset, tiny_model_dir, tiny_data_dir,
+                                                                  tmp_path):
+    from doratweet.cli import main
+
+    out = tmp_path / "rounds"
+    assert main(["--quiet", "run", "--preset", "quick", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir),
+                 "--out", str(out)]) == 0
+    # The same recipe by hand: train on the first 6 tweets, then go on from that adapter on the rest.
+    first, further = tmp_path / "first", tmp_path / "further"
+    assert main(train_cli(tiny_model_dir, tiny_data_dir, first, "--train-limit", "6", "--lr", "1e-2",
+                          "--rank", "4", "--alpha", "8", "--eval-limit", "6")) == 0
+    assert main(train_cli(tiny_model_dir, tiny_data_dir, further, "--init-adapter", str(first), "--train-skip", "6",
+                          "--lr", "5e-3", "--eval-limit", "6")) == 0
+    for rounds_file, by_hand in ((out / "round-1" / "adapter", first / "adapter"), (out / "adapter", further / "adapter")):
+        ours, theirs = (load_file(f / "adapter_model.safetensors") for f in (rounds_file, by_hand))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), rounds_file
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    training = metrics["training"]
+    assert [r["train_examples"] for r in training["rounds"]] == [6, len(TWEETS) - 6]
+    assert [r["lr"] for r in training["rounds"]] == [1e-2, 5e-3]
+    assert training["train_examples"] == len(TWEETS) and training["steps"] == 2 + 2
+    assert metrics["subset_note"].startswith(f"trained in 2 rounds, on train tweets 1-6, then 7-{len(TWEETS)}")
+    card = (out / "README.md").read_text()
+    assert f"| round 2 | train tweets 7-{len(TWEETS)}, 2 steps from round 1's best adapter" in card
+
+
+def test_resume_loads_a_finished_round_instead_of_training_it_again(two_round_preset, tiny_model_dir, tiny_data_dir,
+                                                                     tmp_path):
+    from doratweet.cli import main
+
+    out = tmp_path / "rounds"
+    command = ["--quiet", "run", "--preset", "quick", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir),
+               "--out", str(out), "--save-every", "1"]
+    assert main(command) == 0
+    finished = load_file(out / "adapter" / "adapter_model.safetensors")
+    round_one = {f: f.stat().st_mtime_ns for f in (out / "round-1").rglob("*") if f.is_file()}
+    # Stopped early in round 2: only its first checkpoint is left, nothing of what the run writes at the end.
+    for name in ("adapter", "metrics.json", "README.md", "plots", "predictions"):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    checkpoints = sorted((out / "checkpoint").iterdir())
+    shutil.rmtree(checkpoints[-1])
+    assert main([*command, "--resume"]) == 0
+    resumed = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(finished[k], resumed[k]) for k in finished)
+    assert {f: f.stat().st_mtime_ns for f in (out / "round-1").rglob("*") if f.is_file()} == round_one

@@ -31,9 +31,18 @@ from .models import EMBEDDED_NAME, load_base_model
 from .hardware import inference_model
 from .predict import adapter_folder, base_model_spec
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
-from .train import CHECKPOINT_DIR, TrainConfig, train
+from .train import ADAPTER_DIR, CHECKPOINT_DIR, TrainConfig, load_trained_adapter, train
 
 log = logging.getLogger("doratweet")
+
+
+@dataclass
+class Round:
+    """One round of training: a schedule of its own (warm-up, then decay) on the next `tweets` train tweets (None:
+    the rest), starting from the previous round's best adapter."""
+
+    tweets: int | None = None
+    training: dict = field(default_factory=dict)  # TrainConfig fields that differ from the preset's in this round
 
 
 @dataclass
@@ -46,6 +55,7 @@ class Preset:
     generate_limit: int | None  # generation is slower than scoring: evaluate it on fewer tweets
     eval_limit: int | None  # validation tweets scored during training
     training: dict = field(default_factory=dict)  # TrainConfig fields this preset sets
+    rounds: tuple[Round, ...] = (Round(),)  # rounds before the last are kept in out/round-N
 
 
 PRESETS = {
@@ -55,11 +65,12 @@ PRESETS = {
     "quick": Preset("quick", train_limit=3000, test_limit=1000, generate_limit=200, eval_limit=500,
                     training=dict(epochs=1, batch_size=16, lr=5e-4, eval_every=0, dropout=0.0)),
     # The recipe of the adapter that ships with doratweet, the best of the configurations measured so far
-    # (docs/experiments.md): quick's settings on 20,000 train tweets, validated on 1,000 validation tweets every
-    # 125 steps, the best kept; whole test split. 71 min on 2 CPU cores. Not yet the >= 0.74 the issue asks for
-    # (0.718 macro-F1).
-    "best": Preset("best", train_limit=20_000, test_limit=None, generate_limit=2000, eval_limit=1000,
-                   training=dict(epochs=1, batch_size=16, lr=5e-4, eval_every=125, save_every=125, dropout=0.0)),
+    # (docs/experiments.md, runs 8 and 9): quick's settings, validated on 1,000 validation tweets every 125 steps
+    # with the best kept, on the first 20,000 train tweets; then a second round from that adapter on the other
+    # 25,615 (evaluated every 200 steps, as run 9 was). Whole test split. ~2 h 20 min on 2 CPU cores.
+    "best": Preset("best", train_limit=None, test_limit=None, generate_limit=2000, eval_limit=1000,
+                   training=dict(epochs=1, batch_size=16, lr=5e-4, eval_every=125, save_every=125, dropout=0.0),
+                   rounds=(Round(20_000), Round(None, dict(eval_every=200, save_every=200)))),
     "full": Preset("full", train_limit=None, test_limit=None, generate_limit=None, eval_limit=None,
                    training=dict(epochs=1, batch_size=64, lr=2e-4, eval_every=200, dropout=0.05)),
 }
@@ -73,6 +84,24 @@ def training_config(preset: Preset, overrides: dict) -> TrainConfig:
     """Preset values, then the options the user gave explicitly (those that are not None)."""
     values = {**preset.training, **{k: v for k, v in overrides.items() if v is not None}}
     return TrainConfig(**values)
+
+
+def round_config(config: TrainConfig, round_: Round, overrides: dict) -> TrainConfig:
+    """The run's training settings as `round_` changes them; an option the user gave explicitly wins."""
+    return replace(config, **{k: v for k, v in round_.training.items() if overrides.get(k) is None})
+
+
+def training_rounds(train_split: Split, rounds: tuple[Round, ...]) -> list[tuple[Round, int, Split]]:
+    """Each round with the index of its first train tweet and its tweets: consecutive slices of `train_split`.
+    Rounds left without tweets (a --train-limit below the preset's sizes) are dropped."""
+    sliced, offset = [], 0
+    for round_ in rounds:
+        if offset >= len(train_split):
+            break
+        tweets = train_split.skip(offset).head(round_.tweets)
+        sliced.append((round_, offset, tweets))
+        offset += len(tweets)
+    return sliced
 
 
 def timed_predictions(model, fmt, split: Split, mode: str, batch_size: int, progress: bool = True
@@ -108,7 +137,8 @@ def check_out_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:
         raise UserError("--overwrite and --resume: choose one (start again, or continue the run in --out)")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir}: is a file; choose a folder")
-    if resume and not checkpoint_folders(out_dir / CHECKPOINT_DIR):
+    if resume and not any(checkpoint_folders(folder / CHECKPOINT_DIR) or (folder / ROUND_SUMMARY).is_file()
+                          for folder in [out_dir, *out_dir.glob("round-*")]):
         raise UserError(f"--resume: no checkpoint in {out_dir / CHECKPOINT_DIR}; train without --resume, or point "
                         "--out at the run (checkpoints are written every --save-every steps and on Ctrl-C)")
     if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume):
@@ -142,11 +172,52 @@ def start_from_adapter(model, folder: Path, config: TrainConfig, train_skip: int
     config.extra.update(init_adapter=str(folder), train_skip=train_skip)
 
 
+ROUND_SUMMARY = "train_summary.json"  # written in out/round-N when that round is done
+
+
+def train_in_rounds(model, fmt, rounds: list[tuple[Round, int, Split]], validation: Split | None,
+                    config: TrainConfig, overrides: dict, out_dir: Path, train_skip: int, *, resume: bool,
+                    progress: bool, base_model_id: str | None) -> dict:
+    """Train round after round, each from the best adapter of the one before. A round before the last is kept in
+    out/round-N; the last writes out/ itself. With `resume`, a finished round is loaded, not trained again.
+    Returns the last round's summary with the totals of all rounds (and, for several, a list of them)."""
+    summaries = []
+    for number, (round_, first, tweets) in enumerate(rounds, start=1):
+        last = number == len(rounds)
+        folder = out_dir if last else out_dir / f"round-{number}"
+        round_settings = round_config(config, round_, overrides)
+        if number > 1:  # recorded like --init-adapter/--train-skip: where this round started, and on which tweets
+            round_settings.extra = {**config.extra, "init_adapter": str(out_dir / f"round-{number - 1}" / ADAPTER_DIR),
+                                    "train_skip": train_skip + first}
+        if len(rounds) > 1:
+            log.info("round %d of %d: train tweets %d-%d", number, len(rounds), train_skip + first + 1,
+                     train_skip + first + len(tweets))
+        if resume and not last and distributed.any_process((folder / ROUND_SUMMARY).is_file()):
+            summary = distributed.broadcast_from_main(
+                json.loads((folder / ROUND_SUMMARY).read_text()) if distributed.is_main_process() else None)
+            load_trained_adapter(model, round_settings, folder / ADAPTER_DIR)
+            log.info("round %d was done before: its best adapter (step %s) is loaded", number, summary["best_step"])
+        else:
+            resumes = resume and distributed.any_process(bool(checkpoint_folders(folder / CHECKPOINT_DIR)))
+            summary = train(model, fmt, tweets, validation, round_settings, folder, resume=resumes,
+                            progress=progress, base_model_id=base_model_id)
+            if not last and distributed.is_main_process():
+                write_json(folder / ROUND_SUMMARY, summary)
+        summaries.append({**summary, "first_train_tweet": train_skip + first + 1})
+    if len(summaries) == 1:
+        return summaries[0]
+    totals = {key: sum(s[key] for s in summaries) for key in ("steps", "train_examples", "tokens")}
+    totals["seconds"] = round(sum(s["seconds"] for s in summaries), 2)
+    return {**summaries[-1], **totals, "rounds": summaries}
+
+
 def start_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Create --out once the inputs are known to be good, so a bad input leaves no half-made folder behind."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:  # an old run's checkpoints would otherwise be taken for this run's by a later --resume
+    if overwrite:  # an old run's checkpoints and rounds would otherwise be taken for this run's by a later --resume
         shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
+        for round_folder in out_dir.glob("round-*"):
+            shutil.rmtree(round_folder, ignore_errors=True)
 
 
 def write_json(path: Path, value) -> None:
@@ -202,9 +273,10 @@ def run_pipeline(
                      generate_limit=generate_limit or preset.generate_limit)
     data_spec = resolve_data_spec(data_spec)
     out_dir = Path(out_dir)
-    config = training_config(preset, training_overrides or {})
+    overrides = training_overrides or {}
+    config = training_config(preset, overrides)
     config.eval_limit = config.eval_limit or preset.eval_limit
-    init_folder = adopt_adapter_shape(init_adapter, training_overrides or {}, config) if init_adapter else None
+    init_folder = adopt_adapter_shape(init_adapter, overrides, config) if init_adapter else None
     model_spec = model_spec or (base_model_spec(read_adapter_config(init_folder)) if init_folder else EMBEDDED_NAME)
     config.extra = {"system_prompt": system_prompt, "model_spec": model_spec, "labels": list(LABELS)}
     if main:
@@ -215,10 +287,14 @@ def run_pipeline(
         if needed not in splits:
             raise UserError(f"--data {data_spec}: has no {needed} split (found: {', '.join(splits)})")
     train_split = splits["train"].skip(train_skip).head(preset.train_limit)
+    rounds = training_rounds(train_split, preset.rounds)
+    if config.fsdp and len(rounds) > 1:
+        raise UserError(f"--fsdp: the {preset.name} preset trains in {len(rounds)} rounds, which FSDP does not "
+                        "support; drop --fsdp (torchrun then uses DDP) or choose another --preset")
     test = splits["test"].head(preset.test_limit)
     generate_test = test.head(preset.generate_limit)
     validation = splits.get("validation")
-    subset_note = describe_subsets(preset, splits, train_split, test, generate_test, train_skip)
+    subset_note = describe_subsets(splits, train_split, rounds, test, generate_test, train_skip)
     if subset_note:
         log.info("preset %s: %s", preset.name, subset_note)
 
@@ -239,8 +315,8 @@ def run_pipeline(
     if init_folder:  # after the "before" evaluation, which stays the base model's
         start_from_adapter(base.model, init_folder, config, train_skip)
     log.info("fine-tuning: %s", config)
-    summary = train(base.model, fmt, train_split, validation, config, out_dir, resume=resume, progress=progress,
-                    base_model_id=base.base_model_id)
+    summary = train_in_rounds(base.model, fmt, rounds, validation, config, overrides, out_dir, train_skip,
+                              resume=resume, progress=progress, base_model_id=base.base_model_id)
     if not main:
         return {"training": summary}
 
@@ -272,10 +348,14 @@ def run_pipeline(
     return metrics
 
 
-def describe_subsets(preset: Preset, splits: dict[str, Split], train_split, test, generate_test,
+def describe_subsets(splits: dict[str, Split], train_split: Split, rounds: list, test: Split, generate_test: Split,
                      train_skip: int = 0) -> str | None:
     parts = []
-    if train_skip:
+    if len(rounds) > 1:
+        spans = [f"{train_skip + first + 1:,}-{train_skip + first + len(tweets):,}" for _, first, tweets in rounds]
+        parts.append(f"trained in {len(rounds)} rounds, on train tweets {', then '.join(spans)} of "
+                     f"{len(splits['train']):,}, each round from the previous one's best adapter")
+    elif train_skip:
         parts.append(f"trained on train tweets {train_skip + 1:,}-{train_skip + len(train_split):,} of "
                      f"{len(splits['train']):,}")
     elif len(train_split) < len(splits["train"]):

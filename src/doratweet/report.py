@@ -413,8 +413,16 @@ def _training_details(metrics: dict, method_name: str) -> str:
         share = f" ({100 * trainable / total:.2f}% of {total:,})" if total else ""
         rows.append(["trainable parameters", f"{trainable:,}{share}"])
     if training.get("best_val_macro_f1") is not None:
-        rows.append(["best validation macro-F1",
+        rows.append(["best validation macro-F1" + (" (last round)" if training.get("rounds") else ""),
                      f"{training['best_val_macro_f1']:.3f} at step {training.get('best_step', '–')}"])
+    for number, round_ in enumerate(training.get("rounds") or [], start=1):
+        first = round_["first_train_tweet"]
+        kept = (f"; best validation macro-F1 {round_['best_val_macro_f1']:.3f} at step {round_['best_step']}, kept"
+                if round_.get("best_val_macro_f1") is not None else "")
+        start = "" if number == 1 else f" from round {number - 1}'s best adapter"
+        rows.append([f"round {number}", f"train tweets {first:,}-{first + round_['train_examples'] - 1:,}, "
+                     f"{round_['steps']:,} steps{start}, validated every {round_['eval_every']} steps"
+                     f"{kept}; {_duration(round_['seconds'])}"])
     if metrics.get("preset"):
         rows.append(["preset", f"`{metrics['preset']}`"])
 

@@ -439,6 +439,14 @@ def train(
     }
 
 
+def load_trained_adapter(model, config: TrainConfig, adapter_dir: Path) -> None:
+    """Put an adapter this run trained earlier (saved in `adapter_dir`) into the model, adding the adapter layers
+    first if the model has none, so that training can go on from it."""
+    if get_adapter_config(model) is None:
+        add_adapters(model, config.method, config.rank, config.alpha, config.dropout, config.targets, config.use_rslora)
+    _load_adapter_weights(model, adapter_dir)
+
+
 def _load_adapter_weights(model, adapter_dir: Path) -> None:
     from safetensors.torch import load_file
 
@@ -477,7 +485,18 @@ def _resume_relevant(config: TrainConfig) -> dict:
     """The options a resumed run must share with the checkpoint."""
     # How often it logs or saves may change; so may --fsdp (checkpoints hold whole tensors either way).
     values = {k: v for k, v in asdict(config).items() if k not in ("eval_every", "save_every", "log_every", "fsdp")}
-    return json.loads(json.dumps(values))  # as JSON sees it: tuples become lists
+    return _comparable(json.loads(json.dumps(values)))  # as JSON sees it: tuples become lists
+
+
+def _comparable(options: dict) -> dict:
+    """Options as a resume compares them. Neither the order of the targets nor where an adapter trained further
+    came from changes what the checkpoint continues (it holds the adapter's weights)."""
+    options = dict(options)
+    if "targets" in options:
+        options["targets"] = sorted(options["targets"])
+    if "extra" in options:
+        options["extra"] = {k: v for k, v in (options["extra"] or {}).items() if k != "init_adapter"}
+    return options
 
 
 def _save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, config: TrainConfig,
@@ -512,7 +531,8 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, config: TrainCon
         raise UserError(f"--resume: the checkpoint in {folder} was written by {written_by} process(es) and this run "
                         f"has {world}; resume with {written_by} (e.g. torchrun --nproc_per_node {written_by})")
     current = _resume_relevant(config)
-    changed = [k for k in current if k in saved["config"] and saved["config"][k] != current[k]]
+    written = _comparable(saved["config"])
+    changed = [k for k in current if k in written and written[k] != current[k]]
     if changed:
         raise UserError(f"--resume: options differ from the checkpoint's ({', '.join(changed)}); use the same options")
     with distributed.whole_adapter(model), torch.no_grad():
