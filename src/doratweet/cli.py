@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(run)
     run.add_argument("--out", default="runs/latest", help="run folder to write (default: %(default)s)")
     run.add_argument("--preset", choices=["quick", "best", "full"], default=None,
-                     help="quick: subsets for a CPU in < 15 min; best: the shipped adapter's recipe (20k train "
-                     "tweets, whole test split, ~70 min on a CPU); full: all data (default: full on CUDA, else quick)")
+                     help="quick: subsets for a CPU in < 15 min; best: the shipped adapter's recipe (all train "
+                     "tweets in 2 rounds, whole test split, ~2 h 20 min on a CPU); full: all data (default: full on "
+                     "CUDA, else quick)")
     run.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N tweets (default: preset's)")
     add_init_adapter_options(run)
     run.add_argument("--test-limit", type=positive_int, default=None, help="evaluate on the first N test tweets (default: preset's)")
