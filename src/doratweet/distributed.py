@@ -78,8 +78,13 @@ def process_group():
         logging.getLogger("doratweet").setLevel(logging.WARNING)
     try:
         yield
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other ranks may be gone already
+        raise
+    # Leave together. A rank that tears gloo down while rank 0 is still writing the run folder aborted once in CI
+    # ("terminate called without an active exception"); synchronising first is the usual cure.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def barrier() -> None:
