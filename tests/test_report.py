@@ -167,7 +167,7 @@ def test_intro_says_what_the_adapter_is_and_quotes_the_subset_note(card):
     intro = card.split("\n## How to use\n", 1)[0]
     assert "DoRA adapter for `HuggingFaceTB/SmolLM2-135M-Instruct`" in intro
     assert "negative, neutral or positive" in intro
-    assert f"> **Trained and evaluated on subsets:** {METRICS['subset_note']}" in intro
+    assert f"> **Which tweets:** {METRICS['subset_note']}" in intro
 
 
 def test_intro_says_which_test_tweets_the_figures_come_from(card, tmp_path):

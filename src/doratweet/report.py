@@ -328,7 +328,7 @@ def _intro(metrics: dict, method_name: str) -> str:
     if metrics.get("subset_note"):
         caveat = ("The figures above are on the whole test split." if whole_test else
                   "These figures are not directly comparable with results on the full TweetEval test split.")
-        lines.append(f"> **Trained and evaluated on subsets:** {metrics['subset_note']}. {caveat}")
+        lines.append(f"> **Which tweets:** {metrics['subset_note']}. {caveat}")
     return "\n\n".join(lines)
 
 
