@@ -74,12 +74,14 @@ def tiny_config(arch: str, vocab_size: int):
     return MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
 
 
-def build_tiny_model(arch: str = "llama", seed: int = 0):
+def build_tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny random model; float64 for the tests that compare two computations of the same numbers (the
+    rounding of other summation orders is then ~1e-16, whatever the CPU)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer)))
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer))).to(dtype)
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import UserError
-from .hardware import default_device
+from .hardware import default_device, fp32_or_wider
 
 # Rank 0 evaluates (before and after `run`'s training, and validation under DDP) while the other ranks wait in
 # a collective; the default timeout (10 min for nccl) would end long evaluations.
@@ -107,7 +107,7 @@ def sum_over_processes(value: torch.Tensor) -> float:
     """The sum of a scalar over all ranks, as a float every rank gets."""
     if not active():
         return value.item()
-    total = value.detach().float().reshape(1).clone()
+    total = fp32_or_wider(value.detach()).reshape(1).clone()
     dist.all_reduce(total)
     return total.item()
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from . import LABELS
 from .errors import UserError
+from .hardware import fp32_or_wider
 from .prompts import PromptFormat
 
 UNPARSED = len(LABELS)  # the label id given to generated answers that name no label
@@ -154,12 +155,12 @@ def score_labels(
         hidden = decoder(input_ids=torch.cat([ids, branches.fed.expand(b, -1)], dim=1),
                          attention_mask=branch_attention_mask(rest_mask, len(prefix), branches, dtype),
                          position_ids=positions, past_key_values=cache, use_cache=cache is not None).last_hidden_state
-        logp_first = torch.log_softmax(head(hidden[:, r - 1]).float(), dim=-1)  # [B, V]
+        logp_first = torch.log_softmax(fp32_or_wider(head(hidden[:, r - 1])), dim=-1)  # [B, V]
         batch_scores = logp_first[:, branches.first_tokens]  # [B, labels]
         if len(branches.fed):
             # 2-D input: a strided 3-D slice makes the projection a batched matmul over B copies of the head.
             fed_hidden = hidden[:, r:].reshape(-1, hidden.shape[-1])
-            logp = torch.log_softmax(head(fed_hidden).float(), dim=-1).view(b, -1, logp_first.shape[-1])  # [B, S, V]
+            logp = torch.log_softmax(fp32_or_wider(head(fed_hidden)), dim=-1).view(b, -1, logp_first.shape[-1])  # [B, S, V]
             token_logp = logp.gather(-1, branches.targets.expand(b, -1).unsqueeze(-1)).squeeze(-1)  # [B, S]
             batch_scores = batch_scores.index_add(1, branches.label, token_logp)
         scores[batch] = batch_scores.double().cpu().numpy()

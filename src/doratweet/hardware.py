@@ -9,6 +9,15 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def fp32_or_wider(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in fp32, or as it is when it is wider (fp64).
+
+    Norms, losses and adapter weights are kept in fp32 even for bf16 models; an fp64 model stays fp64 all the
+    way, which is what lets the tests compare two computations that sum in different orders to ~1e-15.
+    """
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def bf16_is_fast(device: torch.device) -> bool:
     """bf16 pays on CUDA and on CPUs with native bf16 matmuls (AMX or AVX512-BF16); elsewhere fp32 is faster."""
     if device.type == "cuda":
@@ -28,7 +37,8 @@ def inference_model(model, device: torch.device, bf16: bool | None = None, copy:
 
     from .adapters import merge_adapters
 
-    bf16 = bf16_is_fast(device) if bf16 is None else bf16
+    if bf16 is None:  # an fp64 model was asked for exactness over speed (the tests compare runs with one)
+        bf16 = bf16_is_fast(device) and next(model.parameters()).dtype != torch.float64
     merged = merge_adapters(copying.deepcopy(model) if copy else model).eval()
     if not bf16:
         return merged

@@ -37,7 +37,7 @@ from .checkpoints import (
 )
 from .data import Split
 from .errors import UserError
-from .hardware import inference_model
+from .hardware import fp32_or_wider, inference_model
 from .evaluate import (
     classification_metrics,
     common_prefix,
@@ -174,7 +174,7 @@ def answer_loss(model, ids, targets, mask, prefix: list[int] = (), label_smoothi
         hidden = decoder(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
                          use_cache=True).last_hidden_state
     predicts = targets[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
-    logits = head(hidden[:, :-1][predicts]).float()
+    logits = fp32_or_wider(head(hidden[:, :-1][predicts]))
     if answer_tokens is None:
         return F.cross_entropy(logits, targets[:, 1:][predicts], label_smoothing=label_smoothing)
     total = F.cross_entropy(logits, targets[:, 1:][predicts], label_smoothing=label_smoothing, reduction="sum")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..hardware import fp32_or_wider
 from .lora import LowRankAdapter
 
 # A row of W that is all zeros has m = 0 and norm 0; the floor turns 0/0 into 0 instead of NaN.
@@ -22,7 +23,7 @@ _NORM_FLOOR = 1e-12
 class DoRALinear(LowRankAdapter):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__(base, rank, alpha, dropout, use_rslora)
-        weight_sq = base.weight.detach().float().pow(2).sum(dim=1)
+        weight_sq = fp32_or_wider(base.weight.detach()).pow(2).sum(dim=1)
         # ||W||^2 per row never changes (W is frozen): keep it, non-persistent, for the factored norm below.
         self.register_buffer("weight_sq_norm", weight_sq, persistent=False)
         self.magnitude = nn.Parameter(weight_sq.sqrt())
@@ -38,7 +39,7 @@ class DoRALinear(LowRankAdapter):
         key = tuple((p._version, p.data_ptr()) for p in (self.lora_A, self.lora_B, self.base.weight))
         if key != self._norm_key:
             if self._norm_key is None or key[2] != self._norm_key[2]:  # W itself changed (loaded, moved)
-                self.weight_sq_norm = self.base.weight.detach().float().pow(2).sum(dim=1)
+                self.weight_sq_norm = fp32_or_wider(self.base.weight.detach()).pow(2).sum(dim=1)
             self._norm = self._compute_weight_norm()
             self._norm_key = key
         return self._norm
@@ -47,8 +48,8 @@ class DoRALinear(LowRankAdapter):
     def _compute_weight_norm(self) -> torch.Tensor:
         # ||W_j + s (BA)_j||^2 = ||W_j||^2 + 2s <B_j, (W A^T)_j> + s^2 B_j (A A^T) B_j^T:
         # the same value as the dense norm without ever building the [out x in] matrix B A.
-        W = self.base.weight.float()
-        A, B, s = self.lora_A.float(), self.lora_B.float(), self.scaling
+        W = fp32_or_wider(self.base.weight)
+        A, B, s = fp32_or_wider(self.lora_A), fp32_or_wider(self.lora_B), self.scaling
         cross = (B * (W @ A.T)).sum(dim=1)
         quad = ((B @ (A @ A.T)) * B).sum(dim=1)
         sq_norm = self.weight_sq_norm + 2 * s * cross + s * s * quad
@@ -69,7 +70,7 @@ class DoRALinear(LowRankAdapter):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        direction = self.base.weight.float() + self.scaling * (self.lora_B @ self.lora_A)
+        direction = fp32_or_wider(self.base.weight) + self.scaling * (self.lora_B @ self.lora_A)
         g = self.magnitude / self.weight_norm()
         return (g[:, None] * direction).to(self.base.weight.dtype)
 
@@ -104,12 +105,13 @@ class DoRAFunction(torch.autograd.Function):
         x2, weight, A, B, u, y, g = ctx.saved_tensors
         s = ctx.scaling
         d_out = grad_out.reshape(-1, grad_out.shape[-1]).to(y.dtype)
-        d_g = (d_out.float() * y.float()).sum(0)  # fp32 reduction over tokens
+        wide = g.dtype  # the adapter parameters' dtype: fp32, or fp64 for an fp64 model
+        d_g = (d_out.to(wide) * y.to(wide)).sum(0)  # fp32 reduction over tokens
         d_y = d_out * g.to(y.dtype)
         d_u = d_y @ B  # [tokens, r]
-        d_B = s * (d_y.T @ u).float()
-        d_A = s * (d_u.T @ x2).float()
+        d_B = s * (d_y.T @ u).to(wide)
+        d_A = s * (d_u.T @ x2).to(wide)
         d_x = None
         if ctx.needs_input_grad[0]:
             d_x = torch.addmm(d_y @ weight.to(y.dtype), d_u, A, alpha=s).view(ctx.x_shape).to(ctx.x_dtype)
-        return d_x, None, None, d_A, d_B, d_g, None  # A, B and m are fp32 parameters
+        return d_x, None, None, d_A, d_B, d_g, None  # A, B and m are parameters of g's dtype

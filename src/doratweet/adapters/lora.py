@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..hardware import fp32_or_wider
+
 
 def scaling_factor(rank: int, alpha: float, use_rslora: bool) -> float:
     # rsLoRA (Kalajdzievska 2023) keeps the update's scale stable across ranks with alpha / sqrt(r).
@@ -17,12 +19,12 @@ def scaling_factor(rank: int, alpha: float, use_rslora: bool) -> float:
 def low_rank_pair(base: nn.Linear, rank: int) -> tuple[nn.Parameter, nn.Parameter]:
     """A like nn.Linear's default init (PEFT's default), B = 0 so the adapter starts as a no-op.
 
-    Adapter weights are fp32 whatever the base dtype: they are tiny and train better in full precision.
+    Adapter weights are fp32 for any narrower base dtype: they are tiny and train better in full precision.
     """
-    device = base.weight.device
-    lora_A = torch.empty(rank, base.in_features, device=device, dtype=torch.float32)
+    device, dtype = base.weight.device, torch.promote_types(base.weight.dtype, torch.float32)
+    lora_A = torch.empty(rank, base.in_features, device=device, dtype=dtype)
     nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-    lora_B = torch.zeros(base.out_features, rank, device=device, dtype=torch.float32)
+    lora_B = torch.zeros(base.out_features, rank, device=device, dtype=dtype)
     return nn.Parameter(lora_A), nn.Parameter(lora_B)
 
 
@@ -48,5 +50,5 @@ class LoRALinear(LowRankAdapter):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        weight = self.base.weight.float() + self.scaling * (self.lora_B @ self.lora_A)
+        weight = fp32_or_wider(self.base.weight) + self.scaling * (self.lora_B @ self.lora_A)
         return weight.to(self.base.weight.dtype)
