@@ -335,3 +335,10 @@ def test_a_utf8_file_with_a_nul_byte_in_a_tweet_is_still_utf8(tmp_path, fake):
     source.write_bytes("a tweet with a \x00 inside it, and enough other text around it\nsecond\n".encode())
     assert predict("--input", source, "--output", tmp_path / "out.jsonl") == 0
     assert len(fake.texts) == 2
+
+
+def test_a_utf16_input_of_mostly_non_latin_text_without_a_byte_order_mark_is_named(tmp_path, capsys, fake):
+    source = tmp_path / "in.txt"
+    source.write_bytes("中文推文很好\n我讨厌这个天气\n今天真不错\n明天见\n".encode("utf-16-le"))
+    assert predict("--input", source, "--output", tmp_path / "out.jsonl") == 2
+    assert "the file is UTF-16, not UTF-8" in one_line_error(capsys)

@@ -589,8 +589,11 @@ def check_utf8_encoding(path: Path, head: bytes) -> None:
     """A file saved as UTF-16 (Windows' "Unicode", Excel's "Unicode Text") is named as such: read as UTF-8 it
     fails at its first byte, or, without a byte-order mark, decodes into texts with a NUL between letters."""
     encoding = next((name for bom, name in _FOREIGN_BOMS if head.startswith(bom)), None)
-    if encoding is None and head.count(0) * 4 >= len(head) > 0:
-        encoding = "UTF-16"  # ASCII letters in UTF-16 are half NUL bytes; a UTF-8 tweet holds one at most rarely
+    # Without a mark: each ASCII character (letters, commas, line breaks) in UTF-16 has a NUL byte beside it,
+    # all on even or all on odd offsets; a UTF-8 text file holds a NUL rarely if ever.
+    parities = {offset % 2 for offset, byte in enumerate(head) if byte == 0}
+    if encoding is None and (head.count(0) * 4 >= len(head) > 0 or (head.count(0) >= 4 and len(parities) == 1)):
+        encoding = "UTF-16"
     if encoding:
         raise UserError(f"{path}: the file is {encoding}, not UTF-8; re-save it as UTF-8 "
                         f"(e.g. iconv -f {encoding} -t UTF-8)")
