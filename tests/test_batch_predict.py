@@ -8,9 +8,10 @@ import zlib
 import pandas as pd
 import pytest
 
-from doratweet.batch_predict import iter_input_rows, predict_file, scan_output
+from doratweet.batch_predict import iter_input_rows, predict_file
 from doratweet.cli import main
 from doratweet.errors import UserError
+from doratweet.predict import SentimentClassifier
 
 TEXTS = [f"tweet number {i}, {'great' if i % 3 == 0 else 'awful' if i % 3 == 1 else 'meh'}" for i in range(23)]
 
@@ -90,24 +91,111 @@ def test_another_id_column_can_be_named(tmp_path):
     assert [r["tweet_id"] for r in read_rows(tmp_path / "out.jsonl")] == ["a", "b"]
 
 
+class InterruptedClassifier(FakeClassifier):
+    """Ctrl-C while labelling batch number `at` (counting from 1)."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def predict_proba(self, texts):
+        if len(self.batches) + 1 == self.at:
+            raise KeyboardInterrupt
+        return super().predict_proba(texts)
+
+
+def interrupt(input_path, output_path, at: int, **options) -> KeyboardInterrupt:
+    with pytest.raises(KeyboardInterrupt) as raised:
+        predict_file(input_path, output_path, lambda: InterruptedClassifier(at), progress=False, **options)
+    return raised.value
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
-def test_resume_after_a_truncated_partial_output_gives_the_uninterrupted_file(tmp_path, fmt):
+def test_resume_after_an_interruption_gives_the_uninterrupted_file(tmp_path, fmt):
     source = write_input(tmp_path / "in.csv", TEXTS, [str(i) for i in range(len(TEXTS))])
     full = tmp_path / f"full.{fmt}"
     run(source, full, batch_size=4)
     expected = full.read_bytes()
 
     partial = tmp_path / f"partial.{fmt}"
-    lines = expected.split(b"\n")
-    header_lines = 1 if fmt == "csv" else 0
-    # 9 complete rows, then half of the 10th: what a kill in the middle of a write leaves.
-    partial.write_bytes(b"\n".join(lines[:header_lines + 9]) + b"\n" + lines[header_lines + 9][:15])
-    assert scan_output(partial, fmt).rows == 9
+    assert "holds the first 8 rows" in str(interrupt(source, partial, at=3, batch_size=4))
+    # A kill can land after rows reached the file but before the progress file counted them, or in the middle
+    # of a row: both leave bytes past what the progress file records.
+    done = partial.read_bytes()
+    assert expected.startswith(done)
+    partial.write_bytes(done + expected[len(done):][:100])
 
     result, classifier = run(source, partial, batch_size=4)
-    assert result.skipped == 9 and result.written == len(TEXTS) - 9
-    assert classifier.batches[0][0] == TEXTS[9]  # the first 9 were not labelled again
+    assert result.skipped == 8 and result.written == len(TEXTS) - 8
+    assert classifier.batches[0][0] == TEXTS[8]  # the first 8 were not labelled again
     assert partial.read_bytes() == expected
+    assert run(source, partial)[0].already_complete
+
+
+def test_a_file_doratweet_did_not_write_is_refused_and_kept(tmp_path):
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"note": 1}\n{"note": 2}\nmy non-json line\n{"note": 3}\n')
+    source = tmp_path / "in5.txt"
+    source.write_text("I love it\nhate this\nmeh ok\ngreat stuff\nawful\n")
+    with pytest.raises(UserError) as raised:
+        run(source, notes)
+    message = str(raised.value)
+    assert message.startswith(f"--output {notes}: already exists and was not written by doratweet predict")
+    assert message.endswith("pass --overwrite to replace it, or choose another file") and "\n" not in message
+    assert notes.read_text() == '{"note": 1}\n{"note": 2}\nmy non-json line\n{"note": 3}\n'
+
+
+def test_a_csv_with_the_output_columns_that_doratweet_did_not_write_is_refused_and_kept(tmp_path):
+    source = write_input(tmp_path / "in.txt", TEXTS[:4])
+    mine = tmp_path / "mine.csv"
+    mine.write_text("text,label,p_negative,p_neutral,p_positive\n" + TEXTS[0] + ",positive,0,0,1\n")
+    before = mine.read_bytes()
+    with pytest.raises(UserError, match="was not written by doratweet predict"):
+        run(source, mine)
+    assert mine.read_bytes() == before
+
+
+def test_a_partial_output_of_an_input_changed_since_is_refused(tmp_path):
+    source = write_input(tmp_path / "in.txt", TEXTS)
+    out = tmp_path / "out.jsonl"
+    interrupt(source, out, at=2, batch_size=4)
+    before = out.read_bytes()
+    write_input(source, TEXTS[:4] + ["a row the user changed"] + TEXTS[5:])  # the rows done are unchanged
+    with pytest.raises(UserError, match=r"was written from another --input .*; pass --overwrite to start again"):
+        run(source, out, batch_size=4)
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("change", [{"job": {"adapter_sha256": "another"}}, {"text_column": "tweet"},
+                                    {"id_column": None}])
+def test_a_partial_output_made_with_another_adapter_or_options_is_refused(tmp_path, change):
+    source = tmp_path / "in.csv"
+    pd.DataFrame({"id": range(len(TEXTS)), "text": TEXTS, "tweet": TEXTS[::-1]}).to_csv(source, index=False)
+    out = tmp_path / "out.jsonl"
+    options = {"job": {"adapter_sha256": "one"}, "text_column": "text", "id_column": "id", "batch_size": 4}
+    interrupt(source, out, at=2, **options)
+    with pytest.raises(UserError, match="was written with another adapter or other options"):
+        run(source, out, **(options | change))
+
+
+def test_a_complete_output_changed_since_is_refused_not_reported_complete(tmp_path):
+    source = write_input(tmp_path / "in.txt", TEXTS[:5])
+    out = tmp_path / "out.jsonl"
+    run(source, out)
+    edited = out.read_text().replace('"label": "', '"label": "edited-', 1)
+    out.write_text(edited)
+    with pytest.raises(UserError, match=r"has changed since doratweet predict wrote it; pass --overwrite"):
+        run(source, out)
+    assert out.read_text() == edited
+
+
+def test_a_progress_file_left_without_its_output_is_ignored(tmp_path):
+    source = write_input(tmp_path / "in.txt", TEXTS[:5])
+    out = tmp_path / "out.jsonl"
+    interrupt(source, out, at=2, batch_size=2)
+    out.unlink()
+    result, _ = run(source, out, batch_size=2)
+    assert result.skipped == 0 and [r["text"] for r in read_rows(out)] == TEXTS[:5]
 
 
 def test_a_complete_output_is_not_rewritten_and_the_model_not_loaded(tmp_path):
@@ -139,13 +227,6 @@ def test_an_output_from_another_input_is_refused_not_appended_to(tmp_path):
     with pytest.raises(UserError, match="--overwrite"):
         run(source, out)
     assert out.read_text() == '{"text": "something else"}\n'
-
-
-def test_a_blank_line_names_the_file_and_line(tmp_path):
-    source = tmp_path / "in.txt"
-    source.write_text("first\n\nthird\n")
-    with pytest.raises(UserError, match=r"in\.txt:2: blank line"):
-        run(source, tmp_path / "out.jsonl")
 
 
 def test_a_missing_text_column_names_the_option(tmp_path):
@@ -186,11 +267,9 @@ def test_a_csv_error_names_the_line_its_row_starts_on_after_texts_that_span_line
 def test_csv_cells_stay_strings_and_blank_lines_are_skipped(tmp_path):
     source = tmp_path / "in.csv"
     source.write_text('id,text\n007,NA\n\n8,""\n9\n')
-    rows = []
-    with pytest.raises(UserError, match=r"in\.csv:4: empty text"):  # line 4 (the blank line 3 is skipped)
-        for row in iter_input_rows(source):
-            rows.append(row)
-    assert [(r.where.rsplit(":", 1)[1], r.text, r.row_id) for r in rows] == [("2", "NA", "007")]
+    rows = [(r.where.rsplit(":", 1)[1], r.text, r.row_id) for r in iter_input_rows(source)]
+    # the blank line 3 is no row; an empty cell and a short row are empty texts, labelled like any other
+    assert rows == [("2", "NA", "007"), ("4", "", "8"), ("5", "", "9")]
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv"])
@@ -209,7 +288,7 @@ def run_dir(tiny_run_dir):
     return tiny_run_dir
 
 
-def test_cli_streams_resumes_and_reports_a_complete_output(run_dir, tmp_path, capsys):
+def test_cli_streams_resumes_and_reports_a_complete_output(run_dir, tmp_path, capsys, monkeypatch):
     source = write_input(tmp_path / "in.parquet", TEXTS[:7], [10, 11, 12, 13, 14, 15, 16])
     out = tmp_path / "out.csv"
     command = ["--quiet", "predict", "--run", str(run_dir), "--input", str(source), "--output", str(out),
@@ -220,11 +299,21 @@ def test_cli_streams_resumes_and_reports_a_complete_output(run_dir, tmp_path, ca
     assert {r["label"] for r in rows} <= {"negative", "neutral", "positive"}
     complete = out.read_bytes()
 
-    out.write_bytes(complete[: complete.index(b"\n", len(complete) // 2) + 5])  # cut in the middle of a row
+    out.unlink()
+    original = SentimentClassifier.predict_proba
+    calls = []
+
+    def interrupted_at_the_second_batch(self, texts):
+        calls.append(texts)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, texts)
+
+    monkeypatch.setattr(SentimentClassifier, "predict_proba", interrupted_at_the_second_batch)
+    assert main(command) == 130
+    monkeypatch.setattr(SentimentClassifier, "predict_proba", original)
     assert main(command) == 0
-    resumed = read_rows(out)
-    assert [r["text"] for r in resumed] == TEXTS[:7]
-    assert [r["label"] for r in resumed] == [r["label"] for r in rows]
+    assert out.read_bytes() == complete
     capsys.readouterr()
 
     assert main(command) == 0

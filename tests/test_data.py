@@ -7,8 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from doratweet.data import DEFAULT_DATA, MAX_TEXT_CHARS, Split, load_data, load_split, read_texts, resolve_data_spec
+from doratweet.data import DEFAULT_DATA, MAX_TEXT_CHARS, Split, load_data, load_split, resolve_data_spec
 from doratweet.errors import UserError
+from doratweet.predict import read_prediction_input
 
 REAL_TWEETEVAL = Path(__file__).resolve().parents[2] / "shared/data/tweeteval/sentiment"
 MAPPING = "0\tnegative\n1\tneutral\n2\tpositive\n"
@@ -437,7 +438,12 @@ def test_hub_unreachable_suggests_a_local_copy(monkeypatch):
     assert "\n" not in message
 
 
-# --- read_texts (prediction input) ---------------------------------------------------------------------
+# --- prediction input: the texts `doratweet predict --input FILE` labels ------------------------------
+
+
+def read_texts(path, text_column: str = "text") -> list[str]:
+    """What predict prints labels for; it streams the same rows to --output (batch_predict.iter_input_rows)."""
+    return read_prediction_input(str(path), [], text_column)
 
 
 def test_read_texts_from_txt_strips_each_line(tmp_path):
@@ -446,11 +452,10 @@ def test_read_texts_from_txt_strips_each_line(tmp_path):
     assert read_texts(path) == ["first", "second\rpart"]
 
 
-def test_read_texts_blank_line_is_an_error(tmp_path):
+def test_read_texts_blank_line_is_an_empty_text(tmp_path):
     path = tmp_path / "in.txt"
     path.write_text("first\n\nthird\n")
-    with pytest.raises(UserError, match=r"in\.txt:2: blank line"):
-        read_texts(path)
+    assert read_texts(path) == ["first", "", "third"]
 
 
 def test_read_texts_from_csv(tmp_path):
@@ -569,7 +574,7 @@ def test_empty_file_in_a_folder_of_split_files_is_an_error(tmp_path):
 def test_read_texts_empty_txt_is_an_error(tmp_path):
     path = tmp_path / "in.txt"
     path.write_bytes(b"")
-    with pytest.raises(UserError, match=r"in\.txt: the file is empty"):
+    with pytest.raises(UserError, match=r"in\.txt: no texts to classify"):
         read_texts(path)
 
 
@@ -591,7 +596,7 @@ def test_parquet_missing_text_column_lists_available_columns(tmp_path):
 
 def test_read_texts_jsonl_missing_column_lists_available(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [{"tweet": "a"}])
-    expected = r"in\.jsonl: no column 'text' \(columns: 'tweet'\); choose one with --text-column"
+    expected = r"in\.jsonl:1: no field 'text' \(fields: 'tweet'\); choose one with --text-column"
     with pytest.raises(UserError, match=expected):
         read_texts(path)
 
@@ -688,10 +693,9 @@ def test_parquet_whitespace_text_names_the_row(tmp_path):
         load_data(str(path))
 
 
-def test_read_texts_empty_csv_cell_names_the_line(tmp_path):
+def test_read_texts_empty_csv_cell_is_an_empty_text(tmp_path):
     path = write_csv(tmp_path / "in.csv", "id,text\n1,hi\n2,  \n")
-    with pytest.raises(UserError, match=r"in\.csv:3: empty text; fix the row or remove it"):
-        read_texts(path)
+    assert read_texts(path) == ["hi", ""]
 
 
 # 7. bytes that are not UTF-8: an error at the line, even with skip_bad_rows (the file is in another encoding)
@@ -724,6 +728,17 @@ def test_read_texts_undecodable_txt_names_the_line(tmp_path):
     path.write_bytes(b"fine\nalso fine\n\x80oops\n")
     with pytest.raises(UserError, match=r"in\.txt:3: not valid UTF-8 \(byte 0x80\)"):
         read_texts(path)
+
+
+@pytest.mark.parametrize("name", ["train.csv", "train.jsonl", "train_text.txt"])
+def test_a_utf16_data_file_is_named_as_utf16(tmp_path, name):
+    if name == "train_text.txt":
+        (tmp_path / "train_labels.txt").write_text("2\n0\n")
+    content = {"train.csv": "text,label\nI love it,2\n", "train.jsonl": '{"text": "I love it", "label": 2}\n',
+               "train_text.txt": "I love it\nhate this\n"}[name]
+    (tmp_path / name).write_bytes(content.encode("utf-16"))
+    with pytest.raises(UserError, match=rf"{name}: the file is UTF-16, not UTF-8; re-save it as UTF-8"):
+        load_data(str(tmp_path / name) if name != "train_text.txt" else str(tmp_path))
 
 
 # 8. a text longer than MAX_TEXT_CHARS (a 1 MB "tweet")
@@ -780,7 +795,7 @@ def test_a_text_of_exactly_max_text_chars_is_kept_and_padding_does_not_count(tmp
 def test_read_texts_rejects_a_one_megabyte_line(tmp_path):
     path = tmp_path / "in.txt"
     path.write_text(f"short\n{'q' * 1_000_000}\n")
-    with pytest.raises(UserError, match=r"in\.txt:2: text is 1,000,000 characters, .*; shorten it or remove it$"):
+    with pytest.raises(UserError, match=r"in\.txt:2: text is 1,000,000 characters, .*; shorten it or remove that row$"):
         read_texts(path)
 
 

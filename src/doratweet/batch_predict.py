@@ -2,15 +2,21 @@
 
 `predict_file` reads the input a batch at a time (.txt and .jsonl line by line, .csv with Python's csv,
 .parquet with pyarrow's `iter_batches`), so memory holds one batch, never the file. Each labelled batch is
-appended to the output and flushed: the output on disk is always a prefix of the final file plus at most
-one half-written line. That is what resuming relies on: count the complete rows already written, cut off
-a truncated last line, skip that many inputs and append the rest. Rows keep the input's order and its
-id column, when it has one.
+appended to the output and flushed, then a progress file beside the output (`.NAME.progress`, replaced
+atomically) records how many rows and bytes are done and the SHA-256 of those bytes, with the SHA-256 of the
+input and the settings that decide the labels (adapter, options). Resuming relies on it: an output is
+continued only when its progress file matches this input and these settings and its first bytes are the
+ones recorded; what follows them (rows written after the last record, a half-written row) is cut off and
+written again, so a resumed output is byte for byte the uninterrupted one. Any other existing file is
+refused unless `overwrite`. When the output is complete its progress file stays, marked complete, so a rerun
+can tell an output that is done from one that was changed since. Rows keep the input's order and its id
+column, when it has one.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -20,14 +26,19 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from . import LABELS
-from .data import MAX_TEXT_CHARS, parse_json_line
+from . import LABELS, __version__
+from .data import ENCODING_SNIFF_BYTES, check_utf8_encoding, parse_json_line
 from .errors import UserError
+from .files import write_atomically
+from .texts import text_problem
 
 log = logging.getLogger("doratweet")
 
 INPUT_SUFFIXES = (".txt", ".csv", ".jsonl", ".json", ".parquet")
 OUTPUT_FORMATS = ("jsonl", "csv")
+PROGRESS_WRITER = "doratweet predict"
+# OWASP's list for CSV injection: a cell starting with one of these is run as a formula by spreadsheets.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 READ_CHUNK_ROWS = 4096  # rows pyarrow decodes at once: bounded memory, few Python round trips
 
 
@@ -68,6 +79,8 @@ def iter_input_rows(path: str | os.PathLike, text_column: str = "text", id_colum
 def _binary_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, decoded line) split on '\\n' only: tweets may hold '\\r' or U+2028."""
     with path.open("rb") as handle:
+        check_utf8_encoding(path, handle.read(ENCODING_SNIFF_BYTES))
+        handle.seek(0)
         for line_number, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8")
@@ -78,25 +91,19 @@ def _binary_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _checked_text(where: str, value) -> str:
-    if not isinstance(value, str):
-        missing = value is None or (isinstance(value, float) and value != value)
-        raise UserError(f"{where}: {'empty text' if missing else f'text is not a string: {value!r}'}; "
-                        "fix or remove that row")
-    text = value.strip()
-    if not text:
-        raise UserError(f"{where}: empty text; fix or remove that row")
-    if len(text) > MAX_TEXT_CHARS:
-        raise UserError(f"{where}: text is {len(text):,} characters, over the {MAX_TEXT_CHARS:,} allowed "
-                        "(a tweet has at most 280); shorten it or remove that row")
-    return text
+    """The text stripped, by the rule every path follows (texts.py); else the row is named."""
+    problem = text_problem(value)
+    if problem:
+        fix = "shorten it" if problem.startswith("text is ") else "fix it"
+        raise UserError(f"{where}: {problem}; {fix} or remove that row")
+    return value.strip()
 
 
 def _txt_rows(path: Path) -> Iterator[InputRow]:
+    """One text per line; a blank line is an empty text, so output row N is always input line N."""
     for line_number, line in _binary_lines(path):
-        text = line.rstrip("\n")
-        if not text.strip():
-            raise UserError(f"{path}:{line_number}: blank line; put one text per line and remove blank lines")
-        yield InputRow(f"{path}:{line_number}", text.strip())
+        where = f"{path}:{line_number}"
+        yield InputRow(where, _checked_text(where, line.rstrip("\n")))
 
 
 def _jsonl_rows(path: Path, text_column: str, id_column: str | None) -> Iterator[InputRow]:
@@ -182,6 +189,12 @@ def count_input_rows(path: str | os.PathLike) -> int | None:
 # --- the output: rows, and what a partial file already holds -----------------------------------------------
 
 
+def spreadsheet_safe(value):
+    """A CSV cell a spreadsheet shows as text: a string starting like a formula gets a leading single quote,
+    as OWASP's guidance on CSV injection says. Numbers are left alone; JSON Lines output is never changed."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
 def output_row(row: InputRow, probabilities: dict[str, float], id_column: str | None) -> dict:
     """The same fields `doratweet predict` prints (text, label, p_*), with the input's id first."""
     fields = {id_column: row.row_id} if id_column else {}
@@ -192,79 +205,6 @@ def output_row(row: InputRow, probabilities: dict[str, float], id_column: str | 
 
 def output_columns(id_column: str | None) -> list[str]:
     return ([id_column] if id_column else []) + ["text", "label"] + [f"p_{label}" for label in LABELS]
-
-
-@dataclass(frozen=True)
-class ExistingOutput:
-    rows: int  # complete data rows
-    good_bytes: int  # where the complete rows end; anything after is a truncated row to cut off
-    size: int
-    last_text: str | None  # the text of the last complete row, to check it matches the input
-    header: list[str] | None  # CSV only
-
-
-def scan_output(path: Path, fmt: str) -> ExistingOutput:
-    """What a (possibly interrupted) output file holds, reading it line by line."""
-    size = path.stat().st_size
-    if fmt == "jsonl":
-        rows, good_bytes, last_text = 0, 0, None
-        for line, end in _lines_with_offsets(path):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if not line.endswith("\n") or not isinstance(record, dict):
-                break
-            rows, good_bytes, last_text = rows + 1, end, record.get("text")
-        return ExistingOutput(rows, good_bytes, size, last_text, None)
-
-    # CSV: a quoted text may span lines, so let the csv module decide where each record ends.
-    offsets = _lines_with_offsets(path)
-    position = {"end": 0}
-
-    def lines() -> Iterator[str]:
-        for line, end in offsets:
-            position["end"] = end
-            yield line
-
-    reader = csv.reader(lines())
-    header, rows, good_bytes, last_text = None, 0, 0, None
-    try:
-        for record in reader:
-            if header is None:
-                header, good_bytes = record, position["end"]
-                continue
-            complete = len(record) == len(header) and _ends_with_newline(path, position["end"])
-            if not complete:
-                break
-            rows, good_bytes = rows + 1, position["end"]
-            last_text = record[header.index("text")] if "text" in header else None
-    except csv.Error:
-        pass  # a quoted field cut off by the interruption
-    if header is not None and not _ends_with_newline(path, good_bytes):
-        header, good_bytes = None, 0  # even the header was cut off
-    return ExistingOutput(rows, good_bytes, size, last_text, header)
-
-
-def _lines_with_offsets(path: Path) -> Iterator[tuple[str, int]]:
-    """Each line (with its '\\n') and the byte offset where it ends; bytes that are not UTF-8 end the scan."""
-    end = 0
-    with path.open("rb") as handle:
-        for raw in handle:
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return
-            end += len(raw)
-            yield line, end
-
-
-def _ends_with_newline(path: Path, offset: int) -> bool:
-    if offset == 0:
-        return False
-    with path.open("rb") as handle:
-        handle.seek(offset - 1)
-        return handle.read(1) == b"\n"
 
 
 # --- the whole job -------------------------------------------------------------------------------------
@@ -279,6 +219,34 @@ def output_format(path: str | os.PathLike, fmt: str | None) -> str:
     raise UserError(f"--output {path}: batch prediction writes .jsonl or .csv; rename the file or pass --format jsonl/csv")
 
 
+def check_output_path(output_path: str | os.PathLike, input_path: str | os.PathLike | None) -> None:
+    """Refuse an --output that cannot be written as a file, or that is the --input under any name or link
+    (writing there would destroy the texts while they are read; --overwrite does not change that)."""
+    output_path = Path(output_path)
+    if output_path.is_dir():
+        raise UserError(f"--output {output_path}: is a folder; give a file name, e.g. {output_path / 'labels.jsonl'}")
+    parent = next((folder for folder in output_path.parents if folder.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"--output {output_path}: {parent} is a file, not a folder; choose another path")
+    if input_path and input_path != "-" and output_path.exists() and Path(input_path).exists() \
+            and os.path.samefile(input_path, output_path):
+        raise UserError(f"--output {output_path}: is the --input file ({input_path}); writing labels there would "
+                        "destroy the texts being read; choose another file")
+
+
+def progress_file(output_path: Path) -> Path:
+    """The record beside an output that says which job wrote it and how far it got (see the module docstring)."""
+    return output_path.with_name(f".{output_path.name}.progress")
+
+
+@dataclass
+class _Progress:
+    rows: int  # complete rows in the output
+    size: int  # the bytes they take; anything after them is cut off on resume
+    hasher: object  # SHA-256 of those bytes, to be continued
+    complete: bool
+
+
 def predict_file(
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
@@ -290,62 +258,121 @@ def predict_file(
     batch_size: int = 32,
     overwrite: bool = False,
     progress: bool = True,
+    job: dict | None = None,
 ) -> BatchResult:
-    """Label every row of `input_path` into `output_path`, resuming a partial output unless `overwrite`.
+    """Label every row of `input_path` into `output_path`, resuming an output this same job left unfinished.
 
-    `load_classifier` is called only when there is work to do, so a complete output costs no model load.
+    `job` holds whatever else decides the labels (the caller's adapter hash, base model, precision); an
+    output written with other values, or from another input, or not by doratweet at all, is refused unless
+    `overwrite`. `load_classifier` is called only when there is work to do, so a complete output costs no
+    model load. An interruption is re-raised as a KeyboardInterrupt that says how many rows are kept.
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be 1 or more, got {batch_size}")
     output_path = Path(output_path)
+    check_output_path(output_path, input_path)
     fmt = output_format(output_path, fmt)
     rows = iter_input_rows(input_path, text_column, id_column)
+    input_file = Path(input_path).expanduser()
     first = next(rows, None)
     if first is None:
         raise UserError(f"--input {input_path}: no texts to classify; put one text per line (.txt) or one per row")
     kept_id = id_column if id_column and first.row_id is not None else None
     rows = _chain_first(first, rows)
 
-    existing = None
+    record = {"written_by": PROGRESS_WRITER,
+              "input": {"bytes": input_file.stat().st_size, "sha256": _sha256(input_file).hexdigest()},
+              "settings": {"--text-column": text_column, "--id-column": id_column, "--format": fmt,
+                           "doratweet": __version__, **(job or {})}}
+    progress_path = progress_file(output_path)
+    done = None
     if output_path.exists() and not overwrite:
-        existing = scan_output(output_path, fmt)
-        if fmt == "csv" and existing.header not in (None, output_columns(kept_id)):
-            raise UserError(f"--output {output_path}: has columns {existing.header}, not "
-                            f"{output_columns(kept_id)}; pass --overwrite to start again, or choose another file")
-    skipped = existing.rows if existing else 0
+        done = _resumable(output_path, progress_path, record, input_path)
+        if done.complete:
+            return BatchResult(written=0, skipped=done.rows, already_complete=True)
+    skipped = done.rows if done else 0
     if skipped:
-        done = list(islice(rows, skipped))
-        if len(done) < skipped:
-            raise UserError(f"--output {output_path}: holds {skipped} rows but --input {input_path} has only "
-                            f"{len(done)}; it belongs to another input: pass --overwrite or choose another file")
-        if existing.last_text is not None and existing.last_text != done[-1].text:
-            raise UserError(f"--output {output_path}: row {skipped} does not match {done[-1].where}; it belongs to "
-                            "another input: pass --overwrite to start again, or choose another file")
-        upcoming = next(rows, None)
-        if upcoming is None:
-            if existing.good_bytes < existing.size:
-                os.truncate(output_path, existing.good_bytes)  # only a half-written duplicate row follows
-            return BatchResult(written=0, skipped=skipped, already_complete=True)
-        rows = _chain_first(upcoming, rows)
+        if sum(1 for _ in islice(rows, skipped)) < skipped:  # the input's hash matched: only a reader change can
+            raise UserError(f"--input {input_path}: has fewer rows than --output {output_path}; pass --overwrite")
         log.info("resuming %s: %d rows already written, labelling the rest", output_path, skipped)
 
-    classifier = load_classifier()
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    resuming = existing is not None and existing.good_bytes > 0
-    if resuming:
-        os.truncate(output_path, existing.good_bytes)  # drop the half-written row an interruption left
+    size, hasher = (done.size, done.hasher) if done else (0, hashlib.sha256())
     written = 0
-    with output_path.open("a" if resuming else "w", encoding="utf-8", newline="") as out, \
-            _progress_bar(progress, count_input_rows(input_path), skipped) as bar:
-        write_row = _row_writer(out, fmt, kept_id, header=not resuming)
-        for batch in _batches(rows, batch_size):
-            probabilities = classifier.predict_proba([row.text for row in batch])
-            for row, p in zip(batch, probabilities):
-                write_row(output_row(row, p, kept_id))
-            out.flush()  # each batch reaches the file before the next starts: an interruption loses one batch
-            written += len(batch)
-            bar.update(len(batch))
+
+    def save_progress(complete: bool = False) -> None:
+        write_atomically(progress_path, json.dumps(record | {"rows": skipped + written, "bytes": size,
+                                                             "output_sha256": hasher.hexdigest(),
+                                                             "complete": complete}) + "\n")
+
+    try:
+        first_batch = next(_batches(rows, batch_size), None)
+        classifier = load_classifier() if first_batch else None
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        save_progress()  # before the output is created or cut, so an output on disk always has its record
+        with output_path.open("ab") as out, _progress_bar(progress, count_input_rows(input_file), skipped) as bar:
+            out.truncate(size)  # what follows the recorded rows: rows not yet recorded, a half-written row
+            for batch in _chain_first(first_batch, _batches(rows, batch_size)) if first_batch else ():
+                probabilities = classifier.predict_proba([row.text for row in batch])
+                lines = [output_row(row, p, kept_id) for row, p in zip(batch, probabilities)]
+                data = _format_rows(lines, fmt, kept_id, header=size == 0).encode("utf-8")
+                out.write(data)
+                out.flush()  # the rows reach the file before the record that counts them
+                hasher.update(data)
+                size, written = size + len(data), written + len(batch)
+                save_progress()
+                bar.update(len(batch))
+        save_progress(complete=True)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{output_path} holds the first {skipped + written} rows: run the same command "
+                                "again to label the rest") from None
     return BatchResult(written=written, skipped=skipped, already_complete=False)
+
+
+def _resumable(output_path: Path, progress_path: Path, record: dict, input_path) -> _Progress:
+    """How far the job that wrote `output_path` got, when that job is this one; else a UserError saying why not."""
+    recorded = _read_record(progress_path)
+    if recorded is None:
+        raise UserError(f"--output {output_path}: already exists and was not written by doratweet predict (no "
+                        f"readable {progress_path.name} beside it); pass --overwrite to replace it, or choose another file")
+    if recorded["input"] != record["input"]:
+        raise UserError(f"--output {output_path}: was written from another --input (or {input_path} has changed "
+                        "since); pass --overwrite to start again, or choose another file")
+    settings, now = recorded["settings"], record["settings"]
+    if settings != now:
+        differ = ", ".join(sorted(k for k in set(settings) | set(now) if settings.get(k) != now.get(k)))
+        raise UserError(f"--output {output_path}: was written with another adapter or other options ({differ}); "
+                        "pass --overwrite to start again, or choose another file")
+    size = output_path.stat().st_size
+    hasher = _sha256(output_path, recorded["bytes"]) if size >= recorded["bytes"] else None
+    if hasher is None or hasher.hexdigest() != recorded["output_sha256"] or (recorded["complete"] and size != recorded["bytes"]):
+        raise UserError(f"--output {output_path}: has changed since doratweet predict wrote it; pass --overwrite "
+                        "to start again, or choose another file")
+    return _Progress(recorded["rows"], recorded["bytes"], hasher, recorded["complete"])
+
+
+def _read_record(path: Path) -> dict | None:
+    """The progress record, or None when there is none or it is not one (damaged, or some other file)."""
+    try:
+        recorded = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    fields = {"written_by": str, "input": dict, "settings": dict, "rows": int, "bytes": int, "output_sha256": str,
+              "complete": bool}
+    if not isinstance(recorded, dict) or recorded.get("written_by") != PROGRESS_WRITER or \
+            not all(isinstance(recorded.get(name), kind) for name, kind in fields.items()):
+        return None
+    return recorded
+
+
+def _sha256(path: Path, limit: int | None = None):
+    """A SHA-256 (the hashlib object) of the file's first `limit` bytes, or of all of it."""
+    hasher = hashlib.sha256()
+    left = limit if limit is not None else float("inf")
+    with path.open("rb") as handle:
+        while left > 0 and (chunk := handle.read(int(min(1 << 20, left)))):
+            hasher.update(chunk)
+            left -= len(chunk)
+    return hasher
 
 
 def _chain_first(first, rest: Iterator) -> Iterator:
@@ -358,14 +385,16 @@ def _batches(rows: Iterator[InputRow], size: int) -> Iterator[list[InputRow]]:
         yield batch
 
 
-def _row_writer(out: io.TextIOBase, fmt: str, id_column: str | None, header: bool) -> Callable[[dict], object]:
-    """A function that writes one row; every row, CSV or JSON Lines, ends with '\n' (scan_output relies on it)."""
+def _format_rows(records: list[dict], fmt: str, id_column: str | None, header: bool) -> str:
+    """Rows as text; every row, CSV or JSON Lines, ends with '\\n'. CSV cells are made spreadsheet-safe."""
     if fmt == "jsonl":
-        return lambda record: out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    writer = csv.DictWriter(out, fieldnames=output_columns(id_column), lineterminator="\n")
+        return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=output_columns(id_column), lineterminator="\n")
     if header:
         writer.writeheader()
-    return writer.writerow
+    writer.writerows({key: spreadsheet_safe(value) for key, value in record.items()} for record in records)
+    return buffer.getvalue()
 
 
 def _progress_bar(enabled: bool, total: int | None, initial: int):

@@ -173,13 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", default=None, help="base model (default: the one the adapter names)")
     pr.add_argument("--input", default=None, help=".txt (one per line), .csv, .jsonl or .parquet (default: none)")
     pr.add_argument("--text-column", default="text", help="text column of --input tables (default: %(default)s)")
-    pr.add_argument("--output", default=None, help="write .jsonl or .csv here instead of printing (default: print)")
+    pr.add_argument("--output", default=None, help="write .jsonl or .csv here instead of printing; with --input it "
+                    "is streamed, and a rerun resumes it; CSV cells that start like a formula (= + - @, tab, CR) "
+                    "get a leading ' so spreadsheets show them as text (default: print)")
     pr.add_argument("--format", choices=["table", "jsonl", "csv"], default=None,
                     help="output format (default: from --output's extension, else table)")
     pr.add_argument("--id-column", default="id", help="column of --input passed through to --output when "
                     "present; '' for none (default: %(default)s)")
-    pr.add_argument("--overwrite", action="store_true", help="start --output again instead of resuming a partial "
-                    "one or keeping a complete one (default: off)")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing --output; without it, an output "
+                    "this same job left unfinished is resumed, a finished one kept, and any other file refused "
+                    "(default: off)")
     pr.add_argument("--batch-size", type=positive_int, default=32, help="texts per batch (default: %(default)s)")
     add_precision_option(pr)
 
@@ -241,10 +244,13 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"doratweet: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if args.debug:
             traceback.print_exc()
-        print("doratweet: interrupted; training runs saved a checkpoint: continue with --resume", file=sys.stderr)
+        # A streamed predict says what it kept (batch_predict.predict_file); a printed one writes only at the end.
+        advice = str(interrupt) or ("nothing was written" if args.verb == "predict" else
+                                    "training runs saved a checkpoint: continue with --resume")
+        print(f"doratweet: interrupted; {advice}", file=sys.stderr)
         return 130
     except Exception as err:  # a bug, or the system (disk full, out of memory): one line unless --debug
         if args.debug:

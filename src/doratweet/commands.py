@@ -28,6 +28,7 @@ from .pipeline import (
 from .predict import (
     SentimentClassifier,
     adapter_folder,
+    adapter_sha256,
     base_model_spec,
     format_predictions,
     read_prediction_input,
@@ -96,30 +97,38 @@ def evaluate_command(args, data_options: dict, bf16: bool | None) -> dict:
 
 
 def predict_command(args, bf16: bool | None) -> None:
+    from .batch_predict import check_output_path, predict_file, progress_file
+
     def load_classifier() -> SentimentClassifier:
         classifier = SentimentClassifier.load(args.run or args.adapter, model=args.model, bf16=bf16)
         classifier.batch_size = args.batch_size
         return classifier
 
+    if args.output:
+        check_output_path(args.output, args.input)
     if args.input and args.input != "-" and args.output and not args.texts and args.format != "table":
         # File to file: streamed in batches and appended, so any size fits in memory and a rerun resumes.
-        from .batch_predict import predict_file
-
+        job = {"adapter": adapter_sha256(adapter_folder(args.run or args.adapter)), "--model": args.model,
+               "--precision": args.precision}
         result = predict_file(args.input, args.output, load_classifier, text_column=args.text_column,
                               id_column=args.id_column or None, fmt=args.format, batch_size=args.batch_size,
-                              overwrite=args.overwrite, progress=not args.quiet)
+                              overwrite=args.overwrite, progress=not args.quiet, job=job)
         if result.already_complete:
             print(f"{args.output}: already complete ({result.skipped} rows); pass --overwrite to redo it")
         return
+    fmt = args.format or _format_from_extension(args.output)
+    if args.output and Path(args.output).exists() and not args.overwrite:
+        raise UserError(f"--output {args.output}: already exists; pass --overwrite to replace it, or choose "
+                        "another file")
     texts = read_prediction_input(args.input, args.texts, args.text_column)
     if not texts:
         raise UserError("predict: no texts to label")
     classifier = load_classifier()
     probabilities = classifier.predict_proba(texts)
-    fmt = args.format or _format_from_extension(args.output)
     text = format_predictions(texts, probabilities, fmt)
     if args.output:
         write_atomically(args.output, text)
+        progress_file(Path(args.output)).unlink(missing_ok=True)  # it described the file just replaced
     else:
         print(text, end="")
 

@@ -18,9 +18,10 @@ row with that id is the one kept). Problems with a whole file stop loading whate
 missing or empty file, a missing column, bytes that are not UTF-8 (a file in another encoding; dropping its
 non-ASCII rows would bias the data), TweetEval text and label files of different lengths.
 
-Files are read as UTF-8; a byte-order mark at the start is ignored and '\\r\\n' is read as '\\n'. In .txt and
-JSON Lines files only '\\n' ends a line, so a lone '\\r' stays inside its tweet. CSV has its own rule, the
-one Excel, pandas and Python's csv follow: outside quotes, '\\r' ends a row too; line numbers count it.
+Files are read as UTF-8 (a UTF-16 or UTF-32 file is named as such); a byte-order mark at the start is ignored
+and '\\r\\n' is read as '\\n'. In .txt and JSON Lines files only '\\n' ends a line, so a lone '\\r' stays
+inside its tweet. CSV has its own rule, the one Excel, pandas and Python's csv follow: outside quotes, '\\r'
+ends a row too; line numbers count it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import pandas as pd
 
 from . import LABELS
 from .errors import UserError
+from .texts import MAX_TEXT_CHARS  # a text far longer than a tweet is a bad row, not data (see texts.py)
 
 log = logging.getLogger("doratweet.data")
 
@@ -53,9 +55,10 @@ TABLE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 _TWEETEVAL_PREFIXES = {"train": "train", "validation": "val", "test": "test"}
 _ACCEPTED_LABELS = "0, 1, 2, " + ", ".join(LABELS)
 _SKIP_HINT = "or pass --skip-bad-rows to drop bad rows"
-# A tweet has at most 280 characters. A text far longer is a broken row (an unclosed quote, a document
-# pasted into one cell) and would become one giant training sequence, so it is a bad row, not data.
-MAX_TEXT_CHARS = 5_000
+# Byte-order marks of the encodings a file saved as "Unicode" may be in; UTF-32's start like UTF-16's.
+_FOREIGN_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                 (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+ENCODING_SNIFF_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -149,26 +152,6 @@ def load_split(spec: str | None, split: str, **load_options) -> Split:
             f"add a {name} file or pick one of those splits"
         )
     return splits[name]
-
-
-def read_texts(path, text_column: str = "text") -> list[str]:
-    """Texts to classify: a .txt file (one per line, no blank lines) or a table with a `text_column`."""
-    path = _existing_path(path, "input file")
-    bad_rows = _BadRows(skip=False, hint="or remove it")
-    if path.suffix.lower() == ".txt":
-        rows = []
-        for line_number, line in enumerate(_read_lines(path), start=1):
-            if not line.strip():
-                raise UserError(f"{path}:{line_number}: blank line; put one text per line and remove blank lines")
-            rows.append((f"{path}:{line_number}", line))
-    else:
-        columns, records = _read_table(path, bad_rows)
-        _require_column(path, columns, text_column, "--text-column")
-        rows = [(where, record.get(text_column)) for where, record in records]
-    texts = [_good_text(where, value, bad_rows) for where, value in rows]  # never None: bad_rows raises
-    if not texts:
-        raise UserError(f"{path}: no texts to classify; put one text per line (.txt) or one per row")
-    return texts
 
 
 # --- bad rows: raise on the first, or count them and log one line -------------------------------------
@@ -588,6 +571,7 @@ def _read_text(path: Path) -> str:
         data = path.read_bytes()
     except OSError as error:
         raise UserError(f"{path}: cannot read ({error.strerror}); check the path and its permissions")
+    check_utf8_encoding(path, data[:ENCODING_SNIFF_BYTES])
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -599,6 +583,20 @@ def _read_text(path: Path) -> str:
     if not text.strip():
         raise _empty_file(path)
     return text
+
+
+def check_utf8_encoding(path: Path, head: bytes) -> None:
+    """A file saved as UTF-16 (Windows' "Unicode", Excel's "Unicode Text") is named as such: read as UTF-8 it
+    fails at its first byte, or, without a byte-order mark, decodes into texts with a NUL between letters."""
+    encoding = next((name for bom, name in _FOREIGN_BOMS if head.startswith(bom)), None)
+    # Without a mark: each ASCII character (letters, commas, line breaks) in UTF-16 has a NUL byte beside it,
+    # all on even or all on odd offsets; a UTF-8 text file holds a NUL rarely if ever.
+    parities = {offset % 2 for offset, byte in enumerate(head) if byte == 0}
+    if encoding is None and (head.count(0) * 4 >= len(head) > 0 or (head.count(0) >= 4 and len(parities) == 1)):
+        encoding = "UTF-16"
+    if encoding:
+        raise UserError(f"{path}: the file is {encoding}, not UTF-8; re-save it as UTF-8 "
+                        f"(e.g. iconv -f {encoding} -t UTF-8)")
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from .hardware import default_device, inference_model
 from .evaluate import predict as predict_with_model
 from .models import EMBEDDED_NAME, EMBEDDED_UPSTREAM_ID, load_base_model
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
+from .texts import checked_texts, text_problem
 
 
 # The run folder (adapter, card, metrics, plots) that ships inside the package, so `doratweet predict "text"`
@@ -78,12 +81,39 @@ class SentimentClassifier:
         system_prompt = config.extra.get("system_prompt", DEFAULT_SYSTEM_PROMPT)
         return cls(base.model, make_prompt_format(base.tokenizer, system_prompt), config.base_model_id or spec)
 
-    def predict_proba(self, texts: list[str]) -> list[dict[str, float]]:
-        probabilities = predict_with_model(self.model, self.prompt_format, list(texts), "score", self.batch_size)
+    def predict_proba(self, texts: Sequence[str]) -> list[dict[str, float]]:
+        """The probability of each label, for each text in order: `[{"negative": p, "neutral": p, "positive": p}]`.
+
+        `texts` is a list (or any sequence) of strings; `[]` gives `[]`. A single string is a TypeError, not one
+        text: iterating it would label each character, so pass `[text]`. The rule is the CLI's and the
+        server's (doratweet/texts.py): whitespace around a text is stripped, an empty text is labelled like
+        any other, an item that is not a string is a TypeError and a text over 5,000 characters a ValueError,
+        each naming the index (`texts[2]: ...`).
+        """
+        texts = checked_texts(texts)
+        if not texts:
+            return []
+        probabilities = predict_with_model(self.model, self.prompt_format, texts, "score", self.batch_size)
         return [dict(zip(LABELS, map(float, row))) for row in probabilities.probabilities]
 
-    def predict(self, texts: list[str]) -> list[str]:
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        """The most probable label of each text, in order; `texts` as for `predict_proba`."""
         return [max(p, key=p.get) for p in self.predict_proba(texts)]
+
+
+def adapter_sha256(folder: Path) -> str:
+    """One hash of the files that decide an adapter's labels, so a resumed output can tell it is the same one."""
+    from .adapters.inject import CONFIG_FILE, WEIGHTS_FILE
+
+    hasher = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        path = Path(folder) / name
+        hasher.update(f"{name}\0{path.stat().st_size if path.is_file() else -1}\0".encode())
+        if path.is_file():
+            with path.open("rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    hasher.update(chunk)
+    return hasher.hexdigest()
 
 
 def base_model_spec(config) -> str:
@@ -98,21 +128,37 @@ def base_model_spec(config) -> str:
 
 
 def read_prediction_input(path: str | None, texts: list[str], text_column: str = "text") -> list[str]:
-    """Texts from arguments, a file (.txt one per line, .csv, .jsonl, .parquet) or stdin ('-' or nothing)."""
-    from .data import read_texts
+    """Texts from arguments, a file (.txt one per line, .csv, .jsonl, .parquet) or stdin ('-' or nothing; one
+    per line, as in a .txt file), each checked by the rule of texts.py and stripped, before any model loads."""
+    from .batch_predict import iter_input_rows
 
     if texts:
-        return texts
+        return [_checked(f"TEXT {number}", text) for number, text in enumerate(texts, start=1)]
     if path and path != "-":
-        return read_texts(path, text_column=text_column)
+        found = [row.text for row in iter_input_rows(path, text_column, id_column=None)]
+        if not found:
+            raise UserError(f"--input {path}: no texts to classify; put one text per line (.txt) or one per row")
+        return found
     if sys.stdin is None or sys.stdin.isatty():
         raise UserError("predict: give texts as arguments, --input FILE, or pipe them on stdin")
-    lines = [line.strip() for line in sys.stdin.read().split("\n")]
-    return [line for line in lines if line]
+    lines = sys.stdin.read().split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    return [_checked(f"<stdin>:{number}", line) for number, line in enumerate(lines, start=1)]
+
+
+def _checked(where: str, text: str) -> str:
+    problem = text_problem(text)
+    if problem:
+        raise UserError(f"{where}: {problem}; {'shorten it' if problem.startswith('text is ') else 'fix it'}")
+    return text.strip()
 
 
 def format_predictions(texts: list[str], probabilities: list[dict[str, float]], fmt: str) -> str:
-    """Rows of text, label and the three probabilities as jsonl, csv or an aligned table."""
+    """Rows of text, label and the three probabilities as jsonl, csv or an aligned table; CSV cells that
+    a spreadsheet would run as a formula are neutralised (batch_predict.spreadsheet_safe)."""
+    from .batch_predict import spreadsheet_safe
+
     rows = [{"text": t, "label": max(p, key=p.get), **{f"p_{k}": round(v, 4) for k, v in p.items()}}
             for t, p in zip(texts, probabilities)]
     if fmt == "jsonl":
@@ -121,7 +167,7 @@ def format_predictions(texts: list[str], probabilities: list[dict[str, float]], 
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["text", "label"])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({key: spreadsheet_safe(value) for key, value in row.items()} for row in rows)
         return buffer.getvalue()
     lines = [f"{r['label']:<8}  " + "  ".join(f"{k[2:]}={r[k]:.3f}" for k in r if k.startswith("p_")) +
              f"  {r['text'][:80]}" for r in rows]

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from .. import LABELS, __version__
 from ..report import ADAPTER_DIR, METRICS_FILE, PLOTS_DIR, README_FILE, STAGES, result
+from ..texts import text_problem
 from .batching import DynamicBatcher, QueueFull
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -225,6 +226,8 @@ async def read_texts(request: Request, max_bytes: int, max_texts: int, max_chars
     for index, text in enumerate(texts):
         if len(text) > max_chars:
             raise HTTPException(413, f"texts[{index}] has {len(text)} characters; the limit is {max_chars}")
+        if problem := text_problem(text):  # the rule of every path; only its length limit can fail here
+            raise HTTPException(413, f"texts[{index}]: {problem}")
     return texts
 
 

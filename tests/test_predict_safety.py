@@ -1,0 +1,344 @@
+"""`doratweet predict` and the Python API keep a user's files and treat every text by one rule.
+
+What is covered: an --output that is the --input (by any path or link) or a folder, CSV output that a
+spreadsheet would run as formulas, one rule for what text can be labelled on every path (arguments, stdin,
+--input with and without --output, the Python API, the server), what an interruption says, UTF-16 inputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import zlib
+
+import httpx
+import pandas as pd
+import pytest
+
+from doratweet.batch_predict import predict_file
+from doratweet.cli import main
+from doratweet.predict import SentimentClassifier, format_predictions
+from doratweet.serve import create_app
+
+
+class FakeClassifier:
+    """Probabilities from each text's CRC (fast, and the same text always gets the same answer)."""
+
+    base_model_id = "fake"
+
+    def __init__(self, interrupt_at: int | None = None):
+        self.batch_size = 32
+        self.texts: list[str] = []
+        self.interrupt_at = interrupt_at  # Ctrl-C during this call of predict_proba (1-based)
+        self.calls = 0
+
+    def predict_proba(self, texts):
+        self.calls += 1
+        if self.calls == self.interrupt_at:
+            raise KeyboardInterrupt
+        self.texts += texts
+        rows = []
+        for text in texts:
+            a, b = zlib.crc32(text.encode()) % 97 + 1, len(text) % 13 + 1
+            rows.append({"negative": a / (a + b + 10), "neutral": b / (a + b + 10), "positive": 10 / (a + b + 10)})
+        return rows
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """`doratweet predict` with FakeClassifier in place of the model; the fixture's value is the fake."""
+    classifier = FakeClassifier()
+    monkeypatch.setattr(SentimentClassifier, "load", classmethod(lambda cls, *args, **kwargs: classifier))
+    return classifier
+
+
+def predict(*args) -> int:
+    return main(["--quiet", "predict", *map(str, args)])
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("doratweet: error: ") and err.count("\n") == 1, err
+    return err
+
+
+# --- --output is --input -----------------------------------------------------------------------------------
+
+
+def _same_file_by(kind: str, source):
+    folder = source.parent
+    if kind == "same name":
+        return source
+    if kind == "another spelling":
+        (folder / "sub").mkdir()
+        return folder / "sub" / ".." / source.name
+    if kind == "symlink":
+        (folder / "link.jsonl").symlink_to(source)
+        return folder / "link.jsonl"
+    os.link(source, folder / "hard.jsonl")
+    return folder / "hard.jsonl"
+
+
+@pytest.mark.parametrize("kind", ["same name", "another spelling", "symlink", "hard link"])
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "table"])
+def test_an_output_that_is_the_input_is_refused_even_with_overwrite(tmp_path, capsys, fake, kind, streamed):
+    source = tmp_path / "big.jsonl"
+    source.write_text("".join(json.dumps({"text": f"tweet {i}"}) + "\n" for i in range(30)))
+    before = source.read_bytes()
+    output = _same_file_by(kind, source)
+    options = ["--format", "jsonl"] if streamed else ["--format", "table"]
+    assert predict("--input", source, "--output", output, "--overwrite", *options) == 2
+    assert "is the --input file" in one_line_error(capsys)
+    assert source.read_bytes() == before and fake.texts == []
+
+
+# --- --output is a folder ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arguments", [["--input", "IN"], ["hello there"]], ids=["streamed", "texts"])
+def test_an_output_that_is_a_folder_is_one_line(tmp_path, capsys, fake, arguments):
+    (tmp_path / "in.txt").write_text("hello\n")
+    folder = tmp_path / "labels.jsonl"
+    folder.mkdir()
+    arguments = [str(tmp_path / "in.txt") if a == "IN" else a for a in arguments]
+    assert predict(*arguments, "--output", folder) == 2
+    assert "labels.jsonl: is a folder; give a file name" in one_line_error(capsys)
+    assert list(folder.iterdir()) == []
+
+
+# --- an existing file given as --output for texts from arguments or stdin ----------------------------------
+
+
+def test_an_existing_output_for_texts_from_arguments_is_refused_unless_overwrite(tmp_path, capsys, fake):
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,own,notes\n")
+    assert predict("I love it", "--output", notes) == 2
+    assert "--overwrite" in one_line_error(capsys)
+    assert notes.read_text() == "my,own,notes\n"
+    assert predict("I love it", "--output", notes, "--overwrite") == 0
+    assert notes.read_text().splitlines()[1].startswith("I love it,")
+
+
+# --- CSV output: texts a spreadsheet would run as a formula ------------------------------------------------
+
+FORMULAS = ["=1+2", "+1+2", "-1+2", "@SUM(A1)", "\t=tab", "=HYPERLINK(\"http://x\",\"y\")", "fine"]
+
+
+def _csv_cells(path_or_text) -> list[dict]:
+    text = path_or_text.read_text(encoding="utf-8") if hasattr(path_or_text, "read_text") else path_or_text
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_streamed_csv_output_neutralises_formulas_in_texts_and_ids(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": f"={i}" if i % 2 else i, "text": t}) + "\n"
+                              for i, t in enumerate(FORMULAS)))
+    out = tmp_path / "out.csv"
+    predict_file(source, out, FakeClassifier, progress=False)
+    rows = _csv_cells(out)
+    assert [r["text"] for r in rows] == ["'=1+2", "'+1+2", "'-1+2", "'@SUM(A1)", "'=tab", "'=HYPERLINK(\"http://x\",\"y\")",
+                                         "fine"]  # "\t=tab" is stripped like every text, then neutralised
+    assert [r["id"] for r in rows] == ["0", "'=1", "2", "'=3", "4", "'=5", "6"]
+
+
+def test_jsonl_output_keeps_texts_as_they_are(tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("".join(t + "\n" for t in FORMULAS))
+    out = tmp_path / "out.jsonl"
+    predict_file(source, out, FakeClassifier, progress=False)
+    assert [json.loads(line)["text"] for line in out.read_text().splitlines()][:4] == FORMULAS[:4]
+
+
+def test_printed_csv_neutralises_formulas_and_a_tab_or_carriage_return_at_the_start():
+    texts = ["=cmd|' /C calc'!A0", "\tx", "\ry", "ok"]
+    probabilities = FakeClassifier().predict_proba(texts)
+    rows = _csv_cells(format_predictions(texts, probabilities, "csv"))
+    assert [r["text"] for r in rows] == ["'=cmd|' /C calc'!A0", "'\tx", "'\ry", "ok"]
+    assert json.loads(format_predictions(texts[:1], probabilities[:1], "jsonl"))["text"] == texts[0]
+
+
+# --- one rule for every path -------------------------------------------------------------------------------
+
+LONG = "x" * 5_001
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["with --output", "printed"])
+@pytest.mark.parametrize("suffix", [".txt", ".csv", ".jsonl", ".parquet"])
+def test_a_text_over_5000_characters_is_refused_in_every_input_format(tmp_path, capsys, fake, suffix, streamed):
+    source = tmp_path / f"in{suffix}"
+    pd.DataFrame({"text": ["short", LONG]}).to_csv(source, index=False) if suffix == ".csv" else None
+    if suffix == ".txt":
+        source.write_text(f"short\n{LONG}\n")
+    elif suffix == ".jsonl":
+        source.write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": LONG}) + "\n")
+    elif suffix == ".parquet":
+        pd.DataFrame({"text": ["short", LONG]}).to_parquet(source)
+    output = ["--output", tmp_path / "out.jsonl"] if streamed else ["--format", "jsonl"]
+    assert predict("--input", source, *output) == 2
+    assert "text is 5,001 characters, over the 5,000 allowed" in one_line_error(capsys)
+    assert fake.texts == []
+
+
+def test_a_text_over_5000_characters_is_refused_as_an_argument_and_on_stdin(capsys, fake, monkeypatch):
+    assert predict("fine", LONG) == 2
+    assert "TEXT 2: text is 5,001 characters" in one_line_error(capsys)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"fine\n{LONG}\n"))
+    assert predict("--format", "jsonl") == 2
+    assert "<stdin>:2: text is 5,001 characters" in one_line_error(capsys)
+    assert fake.texts == []
+
+
+def test_a_text_of_5000_characters_with_spaces_around_it_is_labelled_stripped(capsys, fake):
+    assert predict(f"  {'y' * 5_000}  ", "--format", "jsonl") == 0
+    assert fake.texts == ["y" * 5_000]
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["with --output", "printed"])
+def test_blank_lines_and_empty_cells_are_labelled_like_any_text(tmp_path, capsys, fake, streamed):
+    txt = tmp_path / "in.txt"
+    txt.write_text("first\n\n   \nlast\n")
+    table = tmp_path / "in.csv"
+    table.write_text('id,text\n1,first\n2,""\n3,"  "\n4,last\n')
+    for source in (txt, table):
+        out = tmp_path / f"out-{source.suffix[1:]}.jsonl"
+        output = ["--output", out] if streamed else ["--format", "jsonl"]
+        assert predict("--input", source, *output) == 0
+        text = out.read_text() if streamed else capsys.readouterr().out
+        assert [json.loads(line)["text"] for line in text.splitlines()] == ["first", "", "", "last"]
+
+
+def test_blank_lines_on_stdin_and_empty_arguments_are_labelled(capsys, fake, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("first\n\nlast\n"))
+    assert predict("--format", "jsonl") == 0
+    assert [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == ["first", "", "last"]
+    assert predict("", "  ", "--format", "jsonl") == 0
+    assert [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == ["", ""]
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["with --output", "printed"])
+def test_a_null_text_is_refused_naming_its_line(tmp_path, capsys, fake, streamed):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "fine"}\n{"text": null}\n')
+    output = ["--output", tmp_path / "out.jsonl"] if streamed else ["--format", "jsonl"]
+    assert predict("--input", source, *output) == 2
+    assert "in.jsonl:2: no text (null)" in one_line_error(capsys)
+
+
+def test_a_lone_surrogate_in_a_json_text_is_refused_naming_its_line(tmp_path, capsys, fake):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "fine"}\n{"text": "broken \\ud800 half"}\n')
+    assert predict("--input", source, "--output", tmp_path / "out.jsonl") == 2
+    assert "in.jsonl:2: text holds a lone surrogate" in one_line_error(capsys)
+
+
+def test_the_server_refuses_a_text_over_5000_characters_whatever_its_max_chars(tmp_path):
+    app = create_app(FakeClassifier(), max_chars=10_000)
+
+    async def send(texts):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.post("/v1/classify", json={"texts": texts})
+
+    refused = asyncio.run(send(["fine", LONG]))
+    assert refused.status_code == 413
+    assert refused.json()["detail"].startswith("texts[1]: text is 5,001 characters, over the 5,000 allowed")
+    assert asyncio.run(send(["", "   "])).status_code == 200
+
+
+# --- the Python API ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bare_classifier():
+    """A SentimentClassifier whose model must never run: each case here is decided before the model."""
+    return SentimentClassifier(model=None, prompt_format=None, base_model_id="none")
+
+
+def test_the_python_api_gives_an_empty_list_for_no_texts(bare_classifier):
+    assert bare_classifier.predict_proba([]) == []
+    assert bare_classifier.predict([]) == []
+
+
+@pytest.mark.parametrize("method", ["predict", "predict_proba"])
+def test_the_python_api_refuses_a_single_string_with_a_type_error(bare_classifier, method):
+    with pytest.raises(TypeError, match=r"^texts must be a list of strings, not a str; pass \[text\] for one text$"):
+        getattr(bare_classifier, method)("I love it")
+
+
+@pytest.mark.parametrize("item, message", [(None, "no text (null)"), (3, "not a string but int"),
+                                           (b"bytes", "not a string but bytes")])
+def test_the_python_api_names_the_index_of_an_item_that_is_not_a_string(bare_classifier, item, message):
+    with pytest.raises(TypeError) as raised:
+        bare_classifier.predict(["fine", "also fine", item])
+    assert str(raised.value).startswith(f"texts[2]: {message}") and "\n" not in str(raised.value)
+
+
+def test_the_python_api_refuses_a_text_over_5000_characters_naming_its_index(bare_classifier):
+    with pytest.raises(ValueError, match=r"^texts\[1\]: text is 5,001 characters, over the 5,000 allowed"):
+        bare_classifier.predict_proba(["fine", LONG])
+
+
+def test_the_python_api_labels_a_text_as_the_cli_does_stripped(tiny_run_dir):
+    classifier = SentimentClassifier.load(tiny_run_dir, bf16=False)
+    padded, stripped, blank = classifier.predict_proba(["  so happy today \n", "so happy today", " "])
+    assert padded == stripped
+    assert set(blank) == {"negative", "neutral", "positive"}
+
+
+# --- interrupting predict ----------------------------------------------------------------------------------
+
+
+def test_an_interrupted_streamed_predict_says_to_run_the_same_command_and_that_resumes(tmp_path, capsys, monkeypatch):
+    source = tmp_path / "in.txt"
+    source.write_text("".join(f"tweet {i}\n" for i in range(10)))
+    out = tmp_path / "out.jsonl"
+    command = ["--input", source, "--output", out, "--batch-size", "3"]
+    interrupted = FakeClassifier(interrupt_at=3)
+    monkeypatch.setattr(SentimentClassifier, "load", classmethod(lambda cls, *args, **kwargs: interrupted))
+    assert predict(*command) == 130
+    err = capsys.readouterr().err
+    assert err == (f"doratweet: interrupted; {out} holds the first 6 rows: run the same command again to label "
+                   "the rest\n")
+    assert "--resume" not in err
+    resumed = FakeClassifier()
+    monkeypatch.setattr(SentimentClassifier, "load", classmethod(lambda cls, *args, **kwargs: resumed))
+    assert predict(*command) == 0
+    assert resumed.texts == [f"tweet {i}" for i in range(6, 10)]
+    assert [json.loads(line)["text"] for line in out.read_text().splitlines()] == [f"tweet {i}" for i in range(10)]
+
+
+def test_an_interrupted_printed_predict_does_not_mention_resume(capsys, monkeypatch):
+    interrupted = FakeClassifier(interrupt_at=1)
+    monkeypatch.setattr(SentimentClassifier, "load", classmethod(lambda cls, *args, **kwargs: interrupted))
+    assert predict("hello") == 130
+    assert capsys.readouterr().err == "doratweet: interrupted; nothing was written\n"
+
+
+# --- UTF-16 files ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding, bom", [("utf-16", True), ("utf-16-le", False), ("utf-16-be", False)])
+@pytest.mark.parametrize("streamed", [True, False], ids=["with --output", "printed"])
+def test_a_utf16_prediction_input_is_named_as_utf16(tmp_path, capsys, fake, encoding, bom, streamed):
+    source = tmp_path / "in.csv"
+    source.write_bytes("id,text\n1,I love it\n2,hate this\n".encode(encoding))
+    assert source.read_bytes()[:2] in ((b"\xff\xfe", b"\xfe\xff") if bom else (b"i\x00", b"\x00i"))
+    output = ["--output", tmp_path / "out.jsonl"] if streamed else ["--format", "jsonl"]
+    assert predict("--input", source, *output) == 2
+    assert f"{source}: the file is UTF-16, not UTF-8; re-save it as UTF-8" in one_line_error(capsys)
+
+
+def test_a_utf8_file_with_a_nul_byte_in_a_tweet_is_still_utf8(tmp_path, fake):
+    source = tmp_path / "in.txt"
+    source.write_bytes("a tweet with a \x00 inside it, and enough other text around it\nsecond\n".encode())
+    assert predict("--input", source, "--output", tmp_path / "out.jsonl") == 0
+    assert len(fake.texts) == 2
+
+
+def test_a_utf16_input_of_mostly_non_latin_text_without_a_byte_order_mark_is_named(tmp_path, capsys, fake):
+    source = tmp_path / "in.txt"
+    source.write_bytes("中文推文很好\n我讨厌这个天气\n今天真不错\n明天见\n".encode("utf-16-le"))
+    assert predict("--input", source, "--output", tmp_path / "out.jsonl") == 2
+    assert "the file is UTF-16, not UTF-8" in one_line_error(capsys)
