@@ -14,8 +14,8 @@ def run_dir(tmp_path):
     """The files of a run folder `push` looks at; their contents do not matter here."""
     run = tmp_path / "run"
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "README.md", "metrics.json",
-                 "plots/confusion_after.png", "plots/training_curves.png", "train_log.jsonl",
-                 "checkpoint/optimizer.pt"):
+                 "plots/confusion_after.png", "plots/training_curves.png", "predictions/test_after.txt",
+                 "train_log.jsonl", "checkpoint/optimizer.pt"):
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text(name)
     return run
@@ -33,8 +33,19 @@ class RecordingHfApi:
         self.calls.append(("create_commit", repo_id, [(op.path_in_repo, op.path_or_fileobj) for op in operations]))
 
 
+def use_hf_api(monkeypatch, api) -> None:
+    """Make `huggingface_hub.HfApi()` return `api`. A class, not a lambda: transformers, imported by
+    `--quiet`, evaluates `HfApi | None` at import time."""
+    class FakeHfApi:
+        def __new__(cls, *args, **kwargs):
+            return api
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeHfApi)
+
+
 EXPECTED_REPO_PATHS = ["README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                       "metrics.json", "plots/confusion_after.png", "plots/training_curves.png"]
+                       "metrics.json", "plots/confusion_after.png", "plots/training_curves.png",
+                       "predictions/test_after.txt"]
 
 
 def test_the_plan_mirrors_the_run_folder_without_checkpoints_or_logs(run_dir):
@@ -53,7 +64,7 @@ def test_dry_run_lists_local_to_repo_paths_and_touches_nothing(run_dir, capsys, 
 
 def test_push_creates_the_repo_and_uploads_everything_in_one_commit(run_dir, monkeypatch, capsys):
     api = RecordingHfApi()
-    monkeypatch.setattr("huggingface_hub.HfApi", lambda *a, **k: api)
+    use_hf_api(monkeypatch, api)
     assert main(["--quiet", "push", str(run_dir), "--repo", "me/tweets", "--private"]) == 0
     assert capsys.readouterr().out.strip() == "https://huggingface.co/me/tweets"
     (create, repo, options), (commit, repo2, files) = api.calls
@@ -85,6 +96,39 @@ def test_offline_push_is_one_clear_line(run_dir, monkeypatch, capsys):
         def create_repo(self, repo_id, **options):
             raise ConnectionError("offline mode is enabled")
 
-    monkeypatch.setattr("huggingface_hub.HfApi", lambda *a, **k: OfflineApi())
+    use_hf_api(monkeypatch, OfflineApi())
     assert main(["push", str(run_dir), "--repo", "me/tweets"]) == 2
     assert "cannot reach the Hub" in capsys.readouterr().err
+
+
+def test_only_the_allow_list_goes_up_never_hidden_or_other_files(run_dir):
+    for name in ("adapter/.env", "plots/.hidden.png", ".git/config", ".env", "adapter/notes.txt",
+                 "adapter/training_args.bin", "plots/notes.txt", "predictions/.cache.txt", "secrets.json"):
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text("HF_TOKEN=hf_secret")
+    assert [remote for _, remote in upload_plan(run_dir)] == EXPECTED_REPO_PATHS
+
+
+@pytest.mark.parametrize("name", ["plots/curves.png", "README.md", "metrics.json", "adapter/adapter_config.json",
+                                  "predictions/test_before.txt"])
+def test_a_link_leaving_the_run_folder_is_refused_in_one_line_naming_it(run_dir, tmp_path, capsys, name):
+    secret = tmp_path / "bashrc"
+    secret.write_text("export HF_TOKEN=hf_secret")
+    link = run_dir / name
+    link.unlink(missing_ok=True)
+    link.symlink_to(secret)
+    assert main(["push", str(run_dir), "--repo", "me/tweets", "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert "hf_secret" not in captured.out + captured.err and captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1 and name in captured.err and "outside the run folder" in captured.err
+
+
+def test_a_link_inside_the_run_folder_uploads_the_file_it_names(run_dir):
+    (run_dir / "plots" / "latest.png").symlink_to(run_dir / "plots" / "confusion_after.png")
+    plan = dict((remote, local) for local, remote in upload_plan(run_dir))
+    assert plan["plots/latest.png"] == run_dir / "plots" / "confusion_after.png"
+
+
+def test_the_dry_run_says_public_by_default(run_dir, capsys):
+    assert main(["push", str(run_dir), "--repo", "me/tweets", "--dry-run"]) == 0
+    assert "would create public model repo me/tweets" in capsys.readouterr().out.splitlines()[0]

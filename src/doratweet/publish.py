@@ -1,9 +1,10 @@
 """`doratweet push`: put a run's adapter, model card and plots in a Hugging Face Hub model repo.
 
-The repo mirrors the run folder's layout (`README.md`, `adapter/`, `plots/`, `metrics.json`), which is what
-the model card's links and its "How to use" section (`subfolder="adapter"`) expect. Everything goes up in one
-commit, so the repo never shows a card without its adapter. The token is huggingface_hub's usual one
-(`HF_TOKEN`, or `hf auth login`).
+The repo mirrors the run folder's layout (`README.md`, `adapter/`, `plots/`, `metrics.json`, `predictions/`),
+which is what the model card's links and its "How to use" section (`subfolder="adapter"`) expect. Only an
+allow-list goes up (`upload_plan`): never a hidden file, never anything else a user keeps in the folder, never
+a file reached through a link that leaves the folder. Everything goes up in one commit, so the repo never shows
+a card without its adapter. The token is huggingface_hub's usual one (`HF_TOKEN`, or `hf auth login`).
 """
 
 from __future__ import annotations
@@ -13,31 +14,48 @@ import re
 from pathlib import Path
 
 from .errors import UserError
-from .report import ADAPTER_CONFIG_FILE, ADAPTER_DIR, METRICS_FILE, PLOTS_DIR, README_FILE
+from .report import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_DIR,
+    ADAPTER_WEIGHTS_FILE,
+    METRICS_FILE,
+    PLOTS_DIR,
+    PREDICTIONS_DIR,
+    README_FILE,
+    file_inside,
+)
 
 log = logging.getLogger("doratweet")
 
 # The Hub's rule for names: letters, digits, '-', '_', '.'; no leading/trailing '-' or '.', no '--' or '..'.
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+# What a run folder may publish: (folder, name pattern). The PEFT files, the card, metrics, plots, predictions.
+ALLOWED = [("", re.escape(README_FILE)),
+           (ADAPTER_DIR, f"{re.escape(ADAPTER_CONFIG_FILE)}|{re.escape(ADAPTER_WEIGHTS_FILE)}"),
+           ("", re.escape(METRICS_FILE)),
+           (PLOTS_DIR, r"[^.].*\.png"), (PREDICTIONS_DIR, r"[^.].*\.txt")]
 
 
 def upload_plan(run_dir: str | Path) -> list[tuple[Path, str]]:
-    """(local file, path in the repo) for every file `push` uploads, in a stable order."""
+    """(real file, path in the repo) for every file `push` uploads, in a stable order: the files of `ALLOWED`
+    that are regular files or links staying inside the run folder; a link leaving it is refused."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run folder; pass the folder `doratweet run --out` wrote")
-    adapter = run_dir / ADAPTER_DIR
-    if not (adapter / ADAPTER_CONFIG_FILE).is_file():
+    plan = []
+    for folder, pattern in ALLOWED:
+        names = sorted(path.name for path in (run_dir / folder).iterdir()) if (run_dir / folder).is_dir() else []
+        for name in names:
+            if re.fullmatch(pattern, name):
+                remote = f"{folder}/{name}" if folder else name
+                real = file_inside(run_dir, remote)
+                if real is not None:
+                    plan.append((real, remote))
+    uploaded = {remote for _, remote in plan}
+    if f"{ADAPTER_DIR}/{ADAPTER_CONFIG_FILE}" not in uploaded:
         raise UserError(f"{run_dir}: no {ADAPTER_DIR}/{ADAPTER_CONFIG_FILE}; push a run folder whose training finished")
-    if not (run_dir / README_FILE).is_file():
+    if README_FILE not in uploaded:
         raise UserError(f"{run_dir}: no {README_FILE} (model card); write it with `doratweet report {run_dir}`")
-    plan = [(run_dir / README_FILE, README_FILE)]
-    plan += [(path, f"{ADAPTER_DIR}/{path.name}") for path in sorted(adapter.iterdir()) if path.is_file()]
-    if (run_dir / METRICS_FILE).is_file():
-        plan.append((run_dir / METRICS_FILE, METRICS_FILE))
-    plots = run_dir / PLOTS_DIR
-    if plots.is_dir():
-        plan += [(path, f"{PLOTS_DIR}/{path.name}") for path in sorted(plots.glob("*.png")) if path.is_file()]
     return plan
 
 

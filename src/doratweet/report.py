@@ -25,7 +25,9 @@ METRICS_FILE = "metrics.json"
 LOG_FILE = "train_log.jsonl"
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PLOTS_DIR = "plots"
+PREDICTIONS_DIR = "predictions"
 README_FILE = "README.md"
 
 HUB_DATASET = "cardiffnlp/tweet_eval"
@@ -45,6 +47,21 @@ _PLOT_CAPTIONS = {
 
 # ---------------------------------------------------------------------------------------------------------
 # Reading the run folder
+
+
+def file_inside(run_dir: str | Path, relative: str | Path) -> Path | None:
+    """The real path of `run_dir/relative` when it is a regular file, else None (absent, a folder, a device).
+    A link is followed only while it stays inside the run folder: one leading out is a UserError naming it,
+    so that nothing served or published from a run folder can reach the rest of the machine."""
+    path = Path(run_dir) / relative
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # absent, a dangling link, a loop of links
+        return None
+    if not real.is_relative_to(Path(run_dir).resolve()):
+        raise UserError(f"{path}: a link to {real}, outside the run folder; replace it with a copy of the file, "
+                        "or remove it")
+    return real if real.is_file() else None
 
 
 def load_metrics(run_dir: str | Path) -> dict:
