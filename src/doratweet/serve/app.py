@@ -32,8 +32,9 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from .. import LABELS, __version__
-from ..report import ADAPTER_DIR, METRICS_FILE, PLOTS_DIR, README_FILE, STAGES, result
-from .batching import DynamicBatcher, QueueFull
+from ..errors import UserError
+from ..report import ADAPTER_DIR, METRICS_FILE, PLOTS_DIR, README_FILE, STAGES, file_inside, result
+from .batching import DynamicBatcher, QueueFull, ShuttingDown
 
 STATIC_DIR = Path(__file__).parent / "static"
 PLOT_NAME = re.compile(r"[A-Za-z0-9_-]+\.png")  # no separators, no dots but the suffix: no way out of plots/
@@ -133,7 +134,8 @@ def create_app(
                          413: error_response(f"more than {max_texts} texts, a text over {max_chars} characters, "
                                              "or a body larger than any valid request"),
                          422: error_response("not JSON, or not {\"texts\": [string, ...]}"),
-                         503: error_response("queue full; retry after the Retry-After header's seconds",
+                         503: error_response("queue full, or the server is shutting down; retry after the "
+                                             "Retry-After header's seconds",
                                              **{"Retry-After": "seconds to wait before retrying"})})
     async def classify(request: Request) -> ClassifyResponse:
         """Label each text; results come in the order of `texts`."""
@@ -143,6 +145,9 @@ def create_app(
         except QueueFull:
             raise HTTPException(503, "server busy: too many requests waiting; retry shortly",
                                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        except ShuttingDown:
+            raise HTTPException(503, "server shutting down; retry shortly (another instance, or this one "
+                                "restarted, will answer)", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         return ClassifyResponse(results=[Prediction(label=max(p, key=p.get), probabilities=p) for p in probabilities])
 
     @app.get("/v1/model", dependencies=guarded, responses=unauthorized)
@@ -150,7 +155,7 @@ def create_app(
         """The base model, the adapter, the serving limits and, for a run folder, its test metrics."""
         return {"base_model_id": classifier.base_model_id, "adapter": str(adapter_dir) if adapter_dir else None,
                 "run_dir": str(run_dir) if run_dir else None, "labels": list(LABELS), "limits": app.state.limits,
-                "model_card": bool(run_dir and (run_dir / README_FILE).is_file()),
+                "model_card": served_file(run_dir, README_FILE) is not None,
                 **run_summary(run_dir), "plots": plot_names(run_dir)}
 
     @app.get("/health")
@@ -164,9 +169,10 @@ def create_app(
     async def plot(name: Annotated[str, UrlPath(description="a name in /v1/model's `plots`",
                                                 examples=["confusion_after.png"])]) -> FileResponse:
         # Only names listed in plots/ are served: the name is matched, never joined into a path unchecked.
-        if not PLOT_NAME.fullmatch(name) or name not in plot_names(run_dir):
+        real = served_file(run_dir, f"{PLOTS_DIR}/{name}") if name in plot_names(run_dir) else None
+        if real is None:
             raise HTTPException(404, f"no plot {name!r}")
-        return FileResponse(run_dir / PLOTS_DIR / name, media_type="image/png")
+        return FileResponse(real, media_type="image/png")
 
     @app.get("/", include_in_schema=False)
     async def classify_page() -> FileResponse:
@@ -182,7 +188,27 @@ def create_app(
         return {"api_key_required": bool(api_key), "max_texts": max_texts, "max_chars": max_chars}
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(HeadAsGet)
     return app
+
+
+class HeadAsGet:
+    """Answers HEAD on every GET route as GET without the body (RFC 9110 9.3.2): load balancers and uptime
+    checkers probe with HEAD, and FastAPI's routes answer only the methods they name."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def send_without_body(message):
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_without_body)
 
 
 def latin1_bytes(text: str) -> list[bytes]:
@@ -238,11 +264,23 @@ def validation_message(error: ValidationError) -> str:
     return f"{place + ': ' if place else ''}{first['msg']}{more}; send {{\"texts\": [string, ...]}}"
 
 
+def served_file(run_dir: Path | None, relative: str) -> Path | None:
+    """The real path of a run-folder file the server may read: a regular file inside the run folder, links
+    included only while they stay inside it; else None, as if the file were absent."""
+    if run_dir is None:
+        return None
+    try:
+        return file_inside(run_dir, relative)
+    except UserError:
+        return None
+
+
 def plot_names(run_dir: Path | None) -> list[str]:
     folder = run_dir / PLOTS_DIR if run_dir else None
     if folder is None or not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.is_file() and PLOT_NAME.fullmatch(p.name))
+    return sorted(p.name for p in folder.iterdir()
+                  if PLOT_NAME.fullmatch(p.name) and served_file(run_dir, f"{PLOTS_DIR}/{p.name}"))
 
 
 def run_summary(run_dir: Path | None) -> dict:
@@ -250,8 +288,8 @@ def run_summary(run_dir: Path | None) -> dict:
     A missing or broken metrics.json leaves the page without a table instead of failing the server."""
     import json
 
-    path = run_dir / METRICS_FILE if run_dir else None
-    if path is None or not path.is_file():
+    path = served_file(run_dir, METRICS_FILE)
+    if path is None:
         return {"metrics": None}
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
