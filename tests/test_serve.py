@@ -335,11 +335,11 @@ def test_sigterm_answers_the_waiting_request_stops_listening_and_exits(run_dir):
         deadline = time.monotonic() + 120
         while True:
             assert server.poll() is None, server.stderr.read().decode()
+            assert time.monotonic() < deadline, "the server never came up"
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server never came up"
                 time.sleep(0.2)
         answer = {}
         waiting = threading.Thread(target=lambda: answer.update(

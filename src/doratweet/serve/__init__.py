@@ -77,7 +77,7 @@ def run_server(path: str | None, *, model: str | None = None, host: str = "127.0
               "queue_size": queue_size}
     check_options(port=port, shutdown_timeout=shutdown_timeout, **limits)
     from ..predict import SentimentClassifier, adapter_folder
-    from ..report import ADAPTER_DIR, METRICS_FILE
+    from ..report import ADAPTER_DIR, METRICS_FILE, load_metrics
 
     adapter = adapter_folder(path)
     run_dir = adapter.parent if adapter.name == ADAPTER_DIR and (adapter.parent / METRICS_FILE).is_file() else None
@@ -86,6 +86,11 @@ def run_server(path: str | None, *, model: str | None = None, host: str = "127.0
         if host not in LOOPBACK_HOSTS and not api_key:
             log.warning("serving on %s without an API key: anyone who can reach this port can use the model "
                         "(set --api-key or DORATWEET_API_KEY)", host)
+        if run_dir is not None:
+            try:
+                load_metrics(run_dir)
+            except UserError as problem:
+                log.warning("%s; /report and /v1/model show no metrics", problem)
         classifier = SentimentClassifier.load(path, model=model, bf16=bf16)
         app = create_app(classifier, run_dir=run_dir, adapter_dir=adapter, api_key=api_key, **limits)
         log.info("serving %s on http://%s:%d (API docs at /docs)", adapter, host, port)

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from .. import LABELS, __version__
 from ..errors import UserError
-from ..report import ADAPTER_DIR, METRICS_FILE, PLOTS_DIR, README_FILE, STAGES, file_inside, result
+from ..report import ADAPTER_DIR, METRICS_FILE, PLOTS_DIR, README_FILE, STAGES, file_inside, load_metrics, result
 from .batching import DynamicBatcher, QueueFull, ShuttingDown
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -285,15 +285,13 @@ def plot_names(run_dir: Path | None) -> list[str]:
 
 def run_summary(run_dir: Path | None) -> dict:
     """The test-split metrics of metrics.json, before and after training, per mode; empty without a run.
-    A missing or broken metrics.json leaves the page without a table instead of failing the server."""
-    import json
-
-    path = served_file(run_dir, METRICS_FILE)
-    if path is None:
+    A missing or malformed metrics.json (as `report.load_metrics` checks it) leaves the page without a table
+    instead of failing the server; `run_server` logs why once, at start."""
+    if served_file(run_dir, METRICS_FILE) is None:
         return {"metrics": None}
     try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        metrics = load_metrics(run_dir)
+    except UserError:
         return {"metrics": None}
     rows = []
     for stage in STAGES:
@@ -301,9 +299,9 @@ def run_summary(run_dir: Path | None) -> dict:
             block = result(metrics, stage, mode)
             if block:
                 rows.append({"stage": stage, "mode": mode, **{k: block.get(k) for k in METRIC_NAMES},
-                             "per_class_f1": {k: v.get("f1") for k, v in (block.get("per_class") or {}).items()},
+                             "per_class_f1": {k: v["f1"] for k, v in block.get("per_class", {}).items()},
                              "confusion": block.get("confusion"), "confusion_columns": block.get("confusion_columns")})
-    training = metrics.get("training") or {}
+    training = metrics.get("training", {})
     return {"metrics": {"test": rows, "data": metrics.get("data"), "preset": metrics.get("preset"),
-                        "training": {k: training.get(k) for k in ("method", "rank", "alpha", "targets", "steps",
-                                                                  "lr", "seconds", "device") if k in training}}}
+                        "training": {k: training[k] for k in ("method", "rank", "alpha", "targets", "steps", "lr",
+                                                              "seconds", "device") if k in training}}}
