@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -178,8 +179,9 @@ def test_the_api_key_guards_every_data_route_but_not_health(classifier, run_dir)
 
 def test_model_info_has_the_base_model_adapter_and_run_metrics(classifier, run_dir):
     info = request(create_app(classifier, run_dir=run_dir), "GET", "/v1/model").json()
-    assert info["base_model_id"] == classifier.base_model_id
-    assert info["adapter"] == str(run_dir / "adapter") and info["model_card"] is True
+    assert info["base_model"] == Path(classifier.base_model_id).name  # trained on a local folder: its name
+    assert info["base_model_id"] is None  # a local folder is no Hub id
+    assert info["adapter"] == "run/adapter" and info["run"] == "run" and info["model_card"] is True
     rows = info["metrics"]["test"]
     assert {(r["stage"], r["mode"]) for r in rows} == {(s, m) for s in ("before", "after") for m in ("score", "generate")}
     assert all(r["n"] == 6 and 0 <= r["macro_f1"] <= 1 for r in rows)
@@ -188,7 +190,7 @@ def test_model_info_has_the_base_model_adapter_and_run_metrics(classifier, run_d
 
 def test_model_info_without_a_run_folder_has_no_metrics(classifier, run_dir):
     info = request(create_app(classifier, adapter_dir=run_dir / "adapter"), "GET", "/v1/model").json()
-    assert info["metrics"] is None and info["plots"] == [] and info["run_dir"] is None
+    assert info["metrics"] is None and info["plots"] == [] and info["run"] is None
 
 
 def test_plots_are_served_and_nothing_outside_plots(classifier, run_dir):
@@ -409,3 +411,28 @@ def test_metrics_and_card_linking_out_of_the_run_folder_are_not_read(classifier,
         (run_copy / name).symlink_to(secret)
     info = request(create_app(classifier, run_dir=run_copy), "GET", "/v1/model").json()
     assert info["metrics"] is None and info["model_card"] is False
+
+
+def test_no_page_or_api_answer_shows_a_path_of_the_server(classifier, run_dir):
+    app = create_app(classifier, run_dir=run_dir)
+    answers = "".join(request(app, "GET", url).text for url in ("/v1/model", "/", "/report", "/ui/config"))
+    for path in (str(run_dir), str(Path(classifier.base_model_id)), "/tmp/"):
+        assert path not in answers
+
+
+class HubModelClassifier(CountingClassifier):
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.base_model_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_model_info_names_a_hub_model_by_its_id(classifier):
+    info = request(create_app(HubModelClassifier(classifier)), "GET", "/v1/model").json()
+    assert info["base_model"] == info["base_model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_a_run_records_its_model_source_as_a_name_not_a_path(run_dir):
+    import json
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["model_source"] == Path(metrics["base_model_id"]).name

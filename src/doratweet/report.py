@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Union
 
@@ -46,6 +47,65 @@ _PLOT_CAPTIONS = {
     "confusion_after": "Confusion matrix after training",
     "per_class_f1": "Per-class F1 before and after training",
 }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Names to show: what a card, a page or a Hub repo says instead of this machine's paths
+
+# The Hub's repo ids: `owner/name`, or a bare legacy name such as `gpt2`.
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+
+def hub_id(name: str | None) -> str | None:
+    """`name` when it reads as a Hub repo id and names no local file or folder, else None: a local path
+    (`/home/me/models/tiny`, `models/tiny` where that folder exists) is no id anyone else can load."""
+    if not name or not HUB_REPO_ID.fullmatch(name) or ".." in name or "--" in name or Path(name).exists():
+        return None
+    return name
+
+
+def public_name(name: str | None) -> str | None:
+    """A Hub id as it is, a local path as its last part: where it lies on this machine is nobody's business."""
+    if name is None:
+        return None
+    return hub_id(name) or Path(name.rstrip("/")).name or name
+
+
+def public_data_spec(spec: str | None) -> str | None:
+    """`--data` as recorded, each local path reduced to its name (`train=/x/a.csv,test=/x/b.csv` ->
+    `train=a.csv,test=b.csv`)."""
+    if spec is None:
+        return None
+    parts = []
+    for part in spec.split(","):
+        split, equals, path = part.rpartition("=")
+        parts.append(f"{split}{equals}{public_name(path)}")
+    return ",".join(parts)
+
+
+def public_metrics(metrics: dict) -> dict:
+    """A metrics.json document with the names of `public_name` where it records local paths."""
+    public = json.loads(json.dumps(metrics))
+    for key in ("base_model_id", "model_source"):
+        if isinstance(public.get(key), str):
+            public[key] = public_name(public[key])
+    if isinstance(public.get("data"), dict) and isinstance(public["data"].get("spec"), str):
+        public["data"]["spec"] = public_data_spec(public["data"]["spec"])
+    return public
+
+
+def public_adapter_config(config: dict) -> dict:
+    """PEFT's adapter_config.json as it may be published: `base_model_name_or_path` a Hub id or null (PEFT then
+    needs the base model passed, as the card's example does), doratweet's own paths reduced to names."""
+    public = json.loads(json.dumps(config))
+    if isinstance(public.get("base_model_name_or_path"), str):
+        public["base_model_name_or_path"] = hub_id(public["base_model_name_or_path"])
+    own = public.get("doratweet")
+    if isinstance(own, dict):
+        for key in ("model_spec", "init_adapter"):
+            if isinstance(own.get(key), str):
+                own[key] = public_name(own[key])
+    return public
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -291,7 +351,7 @@ def _headline_mode(metrics: dict) -> str | None:
 
 def _base_name(metrics: dict) -> str:
     """`SmolLM2-135M-Instruct` for `HuggingFaceTB/SmolLM2-135M-Instruct` (or a local folder's name)."""
-    return metrics["base_model_id"].rstrip("/").split("/")[-1]
+    return public_name(metrics["base_model_id"]).split("/")[-1]
 
 
 def _method(metrics: dict, adapter_config: dict | None) -> str:
@@ -452,8 +512,9 @@ def _duration(seconds: float) -> str:
 
 
 def _front_matter(metrics: dict, method: str) -> str:
-    card = {
-        "base_model": metrics["base_model_id"],
+    # The Hub links base_model to that model's page: only a Hub id belongs there, never a local folder.
+    card = {"base_model": hub_id(metrics["base_model_id"])} if hub_id(metrics["base_model_id"]) else {}
+    card |= {
         "datasets": [HUB_DATASET],
         "library_name": "peft",
         "license": "apache-2.0",
@@ -480,7 +541,7 @@ def _front_matter(metrics: dict, method: str) -> str:
 
 
 def _intro(metrics: dict, method_name: str) -> str:
-    base = metrics["base_model_id"]
+    base = public_name(metrics["base_model_id"])
     lines = [
         f"A {method_name} adapter for `{base}` that labels the sentiment of a tweet as negative, neutral or "
         f"positive. It was trained with [doratweet](https://pypi.org/project/doratweet/) on TweetEval "
@@ -522,7 +583,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-BASE = "{metrics['base_model_id']}"
+BASE = "{public_name(metrics['base_model_id'])}"{"" if hub_id(metrics['base_model_id']) else "  # the local model folder it was trained on"}
 ADAPTER = "{adapter_path}"  # or the Hub repo id, with subfolder="{ADAPTER_DIR}"
 SYSTEM = {system_prompt}
 
@@ -556,7 +617,7 @@ def _training_details(metrics: dict, method_name: str) -> str:
     data = metrics.get("data") or {}
     if data:
         sizes = ", ".join(f"{split} {count:,}" for split, count in (data.get("sizes") or {}).items())
-        rows.append(["data", f"`{data.get('spec')}`" + (f" ({sizes} tweets)" if sizes else "")])
+        rows.append(["data", f"`{public_data_spec(data.get('spec'))}`" + (f" ({sizes} tweets)" if sizes else "")])
     # (row name, key in metrics.training, how to show the value); keys the run did not record are skipped.
     settings = [
         ("rank r", "rank", str),

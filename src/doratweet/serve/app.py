@@ -2,7 +2,7 @@
 
 Routes:
 - `POST /v1/classify` `{"texts": [...]}` -> `{"results": [{"label", "probabilities"}, ...]}`, in order;
-- `GET /v1/model`: base model, adapter, the run's metrics and plot names;
+- `GET /v1/model`: the base model and adapter by name (never a path), the run's metrics and plot names;
 - `GET /health`: liveness, never behind the API key (load balancers cannot send one);
 - `GET /` (classify page), `GET /report` (metrics and plots page), `GET /report/plots/NAME.png`;
 - `GET /docs`, `GET /openapi.json`: FastAPI's generated API documentation.
@@ -33,7 +33,19 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from .. import LABELS, __version__
 from ..errors import UserError
-from ..report import ADAPTER_DIR, METRICS_FILE, PLOTS_DIR, README_FILE, STAGES, file_inside, load_metrics, result
+from ..report import (
+    ADAPTER_DIR,
+    METRICS_FILE,
+    PLOTS_DIR,
+    README_FILE,
+    STAGES,
+    file_inside,
+    hub_id,
+    load_metrics,
+    public_data_spec,
+    public_name,
+    result,
+)
 from .batching import DynamicBatcher, QueueFull, ShuttingDown
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -93,6 +105,8 @@ def create_app(
                              queue_size=queue_size)
     run_dir = Path(run_dir) if run_dir else None
     adapter_dir = Path(adapter_dir) if adapter_dir else (run_dir / ADAPTER_DIR if run_dir else None)
+    adapter_name = (f"{adapter_dir.resolve().parent.name}/{adapter_dir.name}" if adapter_dir and adapter_dir.name == ADAPTER_DIR
+                    else adapter_dir.resolve().name if adapter_dir else None)
     # A generous bound on a valid body (every text at its longest, 4 bytes per character, JSON escaping),
     # checked before the body is parsed so a huge upload is refused without being read into memory.
     max_body_bytes = max_texts * (max_chars * 12 + 8) + 1024
@@ -153,8 +167,10 @@ def create_app(
     @app.get("/v1/model", dependencies=guarded, responses=unauthorized)
     async def model_info() -> dict:
         """The base model, the adapter, the serving limits and, for a run folder, its test metrics."""
-        return {"base_model_id": classifier.base_model_id, "adapter": str(adapter_dir) if adapter_dir else None,
-                "run_dir": str(run_dir) if run_dir else None, "labels": list(LABELS), "limits": app.state.limits,
+        # Names, never this machine's paths: the page and any client see which model answers, not where it lies.
+        return {"base_model": public_name(classifier.base_model_id), "base_model_id": hub_id(classifier.base_model_id),
+                "adapter": adapter_name, "run": run_dir.name if run_dir else None, "labels": list(LABELS),
+                "limits": app.state.limits,
                 "model_card": served_file(run_dir, README_FILE) is not None,
                 **run_summary(run_dir), "plots": plot_names(run_dir)}
 
@@ -302,6 +318,8 @@ def run_summary(run_dir: Path | None) -> dict:
                              "per_class_f1": {k: v["f1"] for k, v in block.get("per_class", {}).items()},
                              "confusion": block.get("confusion"), "confusion_columns": block.get("confusion_columns")})
     training = metrics.get("training", {})
-    return {"metrics": {"test": rows, "data": metrics.get("data"), "preset": metrics.get("preset"),
+    data = metrics.get("data", {}) | ({"spec": public_data_spec(metrics["data"]["spec"])}
+                                     if "spec" in metrics.get("data", {}) else {})
+    return {"metrics": {"test": rows, "data": data or None, "preset": metrics.get("preset"),
                         "training": {k: training[k] for k in ("method", "rank", "alpha", "targets", "steps", "lr",
                                                               "seconds", "device") if k in training}}}
