@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from doratweet.cli import main
 from doratweet.errors import UserError
 from doratweet.publish import push_run, upload_plan
+
+
+HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @pytest.fixture
@@ -18,6 +23,8 @@ def run_dir(tmp_path):
                  "train_log.jsonl", "checkpoint/optimizer.pt"):
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text(name)
+    (run / "metrics.json").write_text(json.dumps({"base_model_id": HUB_MODEL}))
+    (run / "adapter/adapter_config.json").write_text(json.dumps({"base_model_name_or_path": HUB_MODEL}))
     return run
 
 
@@ -132,3 +139,47 @@ def test_a_link_inside_the_run_folder_uploads_the_file_it_names(run_dir):
 def test_the_dry_run_says_public_by_default(run_dir, capsys):
     assert main(["push", str(run_dir), "--repo", "me/tweets", "--dry-run"]) == 0
     assert "would create public model repo me/tweets" in capsys.readouterr().out.splitlines()[0]
+
+
+def uploaded(run_dir, monkeypatch) -> dict[str, bytes]:
+    api = RecordingHfApi()
+    use_hf_api(monkeypatch, api)
+    assert main(["--quiet", "push", str(run_dir), "--repo", "me/tweets"]) == 0
+    (_, _, _), (_, _, files) = api.calls
+    return {remote: source if isinstance(source, bytes) else open(source, "rb").read() for remote, source in files}
+
+
+def test_local_paths_in_metrics_and_adapter_config_go_up_as_names(run_dir, monkeypatch):
+    (run_dir / "metrics.json").write_text(json.dumps({
+        "base_model_id": "/home/me/models/tiny", "model_source": "/home/me/.cache/doratweet/models/tiny",
+        "data": {"spec": "/home/me/data/tweets.csv", "sizes": {"test": 3}}, "preset": "quick"}))
+    (run_dir / "adapter/adapter_config.json").write_text(json.dumps({
+        "base_model_name_or_path": "/home/me/models/tiny", "r": 4,
+        "doratweet": {"model_spec": "/home/me/models/tiny", "init_adapter": "/home/me/runs/a/adapter"}}))
+    files = uploaded(run_dir, monkeypatch)
+    assert not any(b"/home/me" in content for content in files.values())
+    metrics, config = json.loads(files["metrics.json"]), json.loads(files["adapter/adapter_config.json"])
+    assert (metrics["base_model_id"], metrics["model_source"], metrics["data"]["spec"]) == ("tiny", "tiny", "tweets.csv")
+    assert metrics["preset"] == "quick" and metrics["data"]["sizes"] == {"test": 3}
+    assert config["base_model_name_or_path"] is None and config["r"] == 4
+    assert config["doratweet"] == {"model_spec": "tiny", "init_adapter": "adapter"}
+    assert (run_dir / "metrics.json").read_text().count("/home/me") == 3  # the local files stay as they are
+
+
+def test_files_without_local_paths_go_up_unchanged(run_dir, monkeypatch):
+    files = uploaded(run_dir, monkeypatch)
+    assert all(files[remote] == (run_dir / remote).read_bytes() for remote in EXPECTED_REPO_PATHS)
+
+
+def test_a_card_showing_a_local_path_is_refused_in_one_line(run_dir, capsys):
+    (run_dir / "metrics.json").write_text(json.dumps({"base_model_id": "/home/me/models/tiny"}))
+    (run_dir / "README.md").write_text("---\nbase_model: /home/me/models/tiny\n---\n")
+    assert main(["push", str(run_dir), "--repo", "me/tweets", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "README.md" in err and "doratweet report" in err
+
+
+def test_a_tampered_metrics_json_is_refused_before_anything_goes_up(run_dir, capsys):
+    (run_dir / "metrics.json").write_text("[]")
+    assert main(["push", str(run_dir), "--repo", "me/tweets", "--dry-run"]) == 2
+    assert "metrics.json" in capsys.readouterr().err

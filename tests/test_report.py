@@ -430,3 +430,20 @@ def test_any_field_of_metrics_json_set_to_any_value_gives_a_card_or_one_line(tmp
         assert write_report(folder).is_file()
     except UserError as error:
         assert "\n" not in str(error) and "metrics.json" in str(error)
+
+
+LOCAL_METRICS = {**METRICS, "base_model_id": "/home/me/models/tiny-llama",
+                 "model_source": "/home/me/.cache/doratweet/models/tiny-llama",
+                 "data": {**METRICS["data"], "spec": "train=/home/me/data/a.csv,test=/home/me/data/b.csv"}}
+
+
+def test_a_card_from_a_local_model_folder_has_no_base_model_and_no_local_path(tmp_path):
+    card = (write_report(make_run_dir(tmp_path / "run", LOCAL_METRICS))).read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert "base_model" not in front
+    assert "/home/me" not in card
+    assert "tiny-llama" in card and "train=a.csv,test=b.csv" in card
+
+
+def test_a_card_from_a_hub_model_names_it_as_base_model(card):
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
