@@ -130,3 +130,15 @@ def test_the_report_page_shows_the_metrics_table_and_plots(server, browser):
                       b.find_elements(By.CSS_SELECTOR, "#plots img"))
     assert all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i) for i in images)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#confusion table")) == 4
+
+
+def test_the_classify_page_names_the_model_and_its_test_figures_without_paths(server, browser, tiny_run_dir):
+    from selenium.webdriver.common.by import By
+
+    browser.get(server + "/")
+    browser.execute_script(f"localStorage.setItem('doratweet-api-key', '{API_KEY}')")
+    browser.get(server + "/")
+    model = wait_for(browser, lambda b: "macro-F1" in b.find_element(By.ID, "model").text and
+                     b.find_element(By.ID, "model").text)
+    assert "adapter run/adapter" in model and "on 6 test tweets" in model
+    assert str(tiny_run_dir) not in model and "/tmp/" not in model

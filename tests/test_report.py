@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from matplotlib import image
 
 from doratweet.errors import UserError
@@ -317,3 +320,130 @@ def test_write_report_is_idempotent(run_dir):
     first = write_report(run_dir).read_text()
     second = write_report(run_dir).read_text()
     assert first == second
+
+
+def tampered(change) -> dict:
+    metrics = copy.deepcopy(METRICS)
+    change(metrics)
+    return metrics
+
+
+# (what was done to a good metrics.json, the field the one-line error must name)
+TAMPERED = [
+    (lambda m: m.update(results=[]), "results"),
+    (lambda m: m.update(training="fast"), "training"),
+    (lambda m: m.update(base_model_id=5), "base_model_id"),
+    (lambda m: m.pop("base_model_id"), "base_model_id"),
+    (lambda m: m.update(data={"sizes": "many"}), "data.sizes"),
+    (lambda m: m["data"]["sizes"].update(test=None), "data.sizes.test"),
+    (lambda m: m.update(examples=["a tweet"]), "examples[0]"),
+    (lambda m: m["results"]["after"]["test"]["score"].update(macro_f1="high"), "results.after.test.score.macro_f1"),
+    (lambda m: m["results"]["after"]["test"]["score"].update(macro_f1=float("nan")),
+     "results.after.test.score.macro_f1"),
+    (lambda m: m["results"]["after"]["test"]["score"].pop("accuracy"), "results.after.test.score.accuracy"),
+    (lambda m: m["results"]["after"]["test"].update(score=[]), "results.after.test.score"),
+    (lambda m: m["results"]["before"]["test"]["score"]["confusion"].pop(), "results.before.test.score.confusion"),
+    (lambda m: m["results"]["before"]["test"]["score"]["confusion"][0].pop(), "results.before.test.score.confusion"),
+    (lambda m: m["results"]["before"]["test"]["score"]["per_class"].pop("neutral"),
+     "results.before.test.score.per_class"),
+    (lambda m: m["training"].update(rounds=[{"steps": 3}]), "training.rounds[0]"),
+    (lambda m: m["training"].update(alpha="32"), "training.alpha"),
+    (lambda m: m["environment"].update(device={"nested": 1}), "environment.device"),
+    (lambda m: m.update(system_prompt="\ud800"), "system_prompt"),
+]
+
+
+@pytest.mark.parametrize("change, field", TAMPERED, ids=[field + f"-{i}" for i, (_, field) in enumerate(TAMPERED)])
+def test_a_tampered_metrics_json_is_one_line_naming_the_file_and_field(tmp_path, capsys, change, field):
+    from doratweet.cli import main
+
+    make_run_dir(tmp_path / "run", tampered(change))
+    assert main(["report", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert f"metrics.json: {field}" in err, err
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"[]", "expected a JSON object"),
+    (b'"text"', "expected a JSON object"),
+    (b'{"base_model_id": "caf\xe9"}', "not valid UTF-8"),
+    (b"[" * 100_000, "invalid JSON"),
+    (b'{"base_model_id": 1' + b"0" * 5000 + b"}", "invalid JSON"),
+])
+def test_a_metrics_json_that_is_not_an_object_of_text_is_one_line(tmp_path, capsys, content, problem):
+    from doratweet.cli import main
+
+    make_run_dir(tmp_path / "run")
+    (tmp_path / "run" / "metrics.json").write_bytes(content)
+    assert main(["report", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "metrics.json" in err and problem in err, err
+
+
+@pytest.mark.parametrize("line, field", [('{"step": 10, "loss": "low"}', "loss"), ('{"step": "ten", "loss": 1.0}', "step"),
+                                         ('{"step": 10, "val_macro_f1": null}', "val_macro_f1")])
+def test_a_tampered_log_line_names_the_file_line_and_field(run_dir, line, field):
+    (run_dir / "train_log.jsonl").write_text('{"step": 5, "loss": 2.0}\n' + line + "\n")
+    with pytest.raises(UserError, match=rf"train_log\.jsonl:2: {field}: "):
+        write_report(run_dir)
+
+
+def test_an_adapter_config_that_is_not_an_object_is_one_line(run_dir):
+    (run_dir / "adapter" / "adapter_config.json").write_text("[]")
+    with pytest.raises(UserError, match=r"adapter_config\.json: expected a JSON object"):
+        write_report(run_dir)
+
+
+def test_metrics_keep_their_values_through_the_reader(run_dir):
+    metrics = load_metrics(run_dir)
+    assert metrics["results"]["after"]["test"]["score"]["macro_f1"] == AFTER_SCORE["macro_f1"]
+    assert metrics["training"]["targets"] == METRICS["training"]["targets"]
+    assert metrics["examples"] == METRICS["examples"]
+
+
+def json_paths(value, prefix=()):
+    yield prefix
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        yield from json_paths(child, (*prefix, key))
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats() | st.text(max_size=8),
+                           lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8),
+                                                                                             children, max_size=3),
+                           max_leaves=6)
+
+
+@given(data=st.data())
+@settings(max_examples=25, deadline=None, derandomize=os.environ.get("CI") == "true",
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+def test_any_field_of_metrics_json_set_to_any_value_gives_a_card_or_one_line(tmp_path, data):
+    path = data.draw(st.sampled_from(list(json_paths(METRICS))[1:]), label="path")
+    metrics = copy.deepcopy(METRICS)
+    parent = metrics
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = data.draw(JSON_VALUES, label="value")
+    folder = make_run_dir(tmp_path / f"run-{abs(hash(path))}", metrics, log=[])
+    try:
+        assert write_report(folder).is_file()
+    except UserError as error:
+        assert "\n" not in str(error) and "metrics.json" in str(error)
+
+
+LOCAL_METRICS = {**METRICS, "base_model_id": "/home/me/models/tiny-llama",
+                 "model_source": "/home/me/.cache/doratweet/models/tiny-llama",
+                 "data": {**METRICS["data"], "spec": "train=/home/me/data/a.csv,test=/home/me/data/b.csv"}}
+
+
+def test_a_card_from_a_local_model_folder_has_no_base_model_and_no_local_path(tmp_path):
+    card = (write_report(make_run_dir(tmp_path / "run", LOCAL_METRICS))).read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert "base_model" not in front
+    assert "/home/me" not in card
+    assert "tiny-llama" in card and "train=a.csv,test=b.csv" in card
+
+
+def test_a_card_from_a_hub_model_names_it_as_base_model(card):
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -297,3 +297,103 @@ def test_the_app_serves_again_after_its_lifespan_restarts():
     for _ in range(2):
         with TestClient(app) as client:
             assert client.post("/v1/classify", json={"texts": ["hello"]}).status_code == 200
+
+
+# ---- hypothesis: the run folder's own files (metrics.json, the card) ----
+# The server reads them on every /v1/model; whatever they hold, every endpoint answers, never with a 500.
+
+@pytest.fixture(scope="module")
+def fuzzed_run(tiny_run_dir, tmp_path_factory):
+    import shutil
+
+    run = tmp_path_factory.mktemp("fuzzed") / "run"
+    shutil.copytree(tiny_run_dir / "plots", run / "plots")
+    for name in ("README.md", "metrics.json"):
+        shutil.copy(tiny_run_dir / name, run / name)
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_client(fuzzed_run):
+    client = Client(make_app(ConstantClassifier(), fuzzed_run))
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def good_metrics(tiny_run_dir):
+    return json.loads((tiny_run_dir / "metrics.json").read_text())
+
+
+ENDPOINTS = [("GET", "/v1/model"), ("GET", "/report"), ("GET", "/"), ("GET", "/health"), ("HEAD", "/health"),
+             ("GET", "/ui/config"), ("GET", "/report/plots/confusion_after.png"), ("POST", "/v1/classify")]
+
+
+def assert_every_endpoint_answers(client: Client) -> None:
+    for method, url in ENDPOINTS:
+        body = {"content": b'{"texts": ["hello"]}', "headers": {"Content-Type": "application/json"}}
+        response = client.loop.run_until_complete(client.client.request(method, url, **(body if method == "POST" else {})))
+        assert response.status_code == 200, (method, url, response.status_code, response.text[:200])
+        if method != "HEAD" and response.headers["content-type"] == "application/json":
+            response.json()
+    info = client.loop.run_until_complete(client.client.get("/v1/model")).json()
+    assert info["metrics"] is None or isinstance(info["metrics"]["test"], list)
+
+
+def json_paths(value, prefix=()):
+    """The place of every value inside a JSON document, as a tuple of keys and indexes."""
+    yield prefix
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        yield from json_paths(child, (*prefix, key))
+
+
+def with_value_at(document, path: tuple, value):
+    if not path:
+        return value
+    copy = json.loads(json.dumps(document))
+    parent = copy
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    return copy
+
+
+@given(content=st.binary(max_size=300) | json_values.map(lambda value: json.dumps(value).encode()))
+@example(content=b'"a string"')
+@example(content=b"[]")
+@example(content=b'{"base_model_id": "caf\xe9"}')
+@example(content=b'{"base_model_id": "x", "results": []}')
+@example(content=b"[" * 100_000)
+@FUZZ
+def test_any_bytes_as_metrics_json_leave_every_endpoint_answering(run_client, fuzzed_run, content):
+    (fuzzed_run / "metrics.json").write_bytes(content)
+    assert_every_endpoint_answers(run_client)
+
+
+@given(data=st.data())
+@example(data=None)
+@FUZZ
+def test_any_field_of_metrics_json_set_to_any_json_value_leaves_every_endpoint_answering(
+        run_client, fuzzed_run, good_metrics, data):
+    from doratweet.errors import UserError
+    from doratweet.report import load_metrics
+
+    if data is None:  # was 500: the response could not encode the lone surrogate
+        path, value = ("base_model_id",), "\ud800"
+    else:
+        path = data.draw(st.sampled_from(list(json_paths(good_metrics))), label="path")
+        value = data.draw(json_values | st.sampled_from([float("nan"), float("inf"), "\ud800", [], {}]), label="value")
+    (fuzzed_run / "metrics.json").write_text(json.dumps(with_value_at(good_metrics, path, value)))
+    assert_every_endpoint_answers(run_client)
+    try:
+        load_metrics(fuzzed_run)
+    except UserError as error:  # the one reader: a one-line error, or a dict the server and report can use
+        assert "\n" not in str(error) and "metrics.json" in str(error)
+
+
+@given(content=st.binary(max_size=300) | texts.map(lambda text: text.encode()))
+@FUZZ
+def test_any_card_content_leaves_every_endpoint_answering(run_client, fuzzed_run, content):
+    (fuzzed_run / "README.md").write_bytes(content)
+    assert_every_endpoint_answers(run_client)

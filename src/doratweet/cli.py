@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: %(default)s)")
     sv.add_argument("--queue-size", type=int, default=1024, help="most requests waiting for the model, else "
                     "HTTP 503 with Retry-After (default: %(default)s)")
+    sv.add_argument("--shutdown-timeout", type=float, default=5.0, help="on SIGTERM or Ctrl-C: seconds to answer "
+                    "the requests already waiting before refusing them with 503 and exiting (default: %(default)s)")
     sv.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer KEY or X-API-Key) "
                     "on /v1/* and the plots (default: $DORATWEET_API_KEY, else no key)")
     add_precision_option(sv)
@@ -313,16 +315,10 @@ def cmd_merge(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import run_server
 
-    for flag, value in (("--max-batch", args.max_batch), ("--max-texts", args.max_texts),
-                        ("--max-chars", args.max_chars), ("--queue-size", args.queue_size)):
-        if value < 1:
-            raise UserError(f"serve: {flag} must be 1 or more, got {value}")
-    if args.max_wait_ms < 0:
-        raise UserError(f"serve: --max-wait-ms must be 0 or more, got {args.max_wait_ms}")
     run_server(args.run or args.adapter, model=args.model, host=args.host, port=args.port, bf16=bf16_choice(args),
-               api_key=args.api_key or os.environ.get("DORATWEET_API_KEY") or None, max_batch=args.max_batch,
-               max_wait_ms=args.max_wait_ms, max_texts=args.max_texts, max_chars=args.max_chars,
-               queue_size=args.queue_size)
+               api_key=args.api_key or os.environ.get("DORATWEET_API_KEY") or None,
+               shutdown_timeout=args.shutdown_timeout, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+               max_texts=args.max_texts, max_chars=args.max_chars, queue_size=args.queue_size)
     return 0
 
 

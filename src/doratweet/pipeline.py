@@ -264,7 +264,7 @@ def run_pipeline(
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> dict:
-    from .report import write_report
+    from .report import public_name, write_report
 
     started = time.perf_counter()
     main = distributed.is_main_process()
@@ -328,7 +328,7 @@ def run_pipeline(
     write_label_ids(out_dir / "predictions" / "test_after.txt", after_scored.labels)
     metrics = {
         "base_model_id": base.base_model_id,
-        "model_source": base.source,
+        "model_source": public_name(model_spec),  # the --model given, as a name: no path into the user's cache
         "data": {"spec": data_spec, "sizes": {name: len(s) for name, s in splits.items()}},
         "preset": preset.name,
         "subset_note": subset_note,

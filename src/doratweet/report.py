@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import re
 from pathlib import Path
+from typing import Annotated, Union
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from . import LABELS
 from .errors import UserError
@@ -25,7 +29,9 @@ METRICS_FILE = "metrics.json"
 LOG_FILE = "train_log.jsonl"
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PLOTS_DIR = "plots"
+PREDICTIONS_DIR = "predictions"
 README_FILE = "README.md"
 
 HUB_DATASET = "cardiffnlp/tweet_eval"
@@ -44,44 +50,271 @@ _PLOT_CAPTIONS = {
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Names to show: what a card, a page or a Hub repo says instead of this machine's paths
+
+# The Hub's repo ids: `owner/name`, or a bare legacy name such as `gpt2`.
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+
+def hub_id(name: str | None) -> str | None:
+    """`name` when it reads as a Hub repo id and names no local file or folder, else None: a local path
+    (`/home/me/models/tiny`, `models/tiny` where that folder exists) is no id anyone else can load."""
+    if not name or not HUB_REPO_ID.fullmatch(name) or ".." in name or "--" in name or Path(name).exists():
+        return None
+    return name
+
+
+def public_name(name: str | None) -> str | None:
+    """A Hub id as it is, a local path as its last part: where it lies on this machine is nobody's business."""
+    if name is None:
+        return None
+    return hub_id(name) or Path(name.rstrip("/")).name or name
+
+
+def public_data_spec(spec: str | None) -> str | None:
+    """`--data` as recorded, each local path reduced to its name (`train=/x/a.csv,test=/x/b.csv` ->
+    `train=a.csv,test=b.csv`)."""
+    if spec is None:
+        return None
+    parts = []
+    for part in spec.split(","):
+        split, equals, path = part.rpartition("=")
+        parts.append(f"{split}{equals}{public_name(path)}")
+    return ",".join(parts)
+
+
+def public_metrics(metrics: dict) -> dict:
+    """A metrics.json document with the names of `public_name` where it records local paths."""
+    public = json.loads(json.dumps(metrics))
+    for key in ("base_model_id", "model_source"):
+        if isinstance(public.get(key), str):
+            public[key] = public_name(public[key])
+    if isinstance(public.get("data"), dict) and isinstance(public["data"].get("spec"), str):
+        public["data"]["spec"] = public_data_spec(public["data"]["spec"])
+    return public
+
+
+def public_adapter_config(config: dict) -> dict:
+    """PEFT's adapter_config.json as it may be published: `base_model_name_or_path` a Hub id or null (PEFT then
+    needs the base model passed, as the card's example does), doratweet's own paths reduced to names."""
+    public = json.loads(json.dumps(config))
+    if isinstance(public.get("base_model_name_or_path"), str):
+        public["base_model_name_or_path"] = hub_id(public["base_model_name_or_path"])
+    own = public.get("doratweet")
+    if isinstance(own, dict):
+        for key in ("model_spec", "init_adapter"):
+            if isinstance(own.get(key), str):
+                own[key] = public_name(own[key])
+    return public
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Reading the run folder
 
 
+def file_inside(run_dir: str | Path, relative: str | Path) -> Path | None:
+    """The real path of `run_dir/relative` when it is a regular file, else None (absent, a folder, a device).
+    A link is followed only while it stays inside the run folder: one leading out is a UserError naming it,
+    so that nothing served or published from a run folder can reach the rest of the machine."""
+    path = Path(run_dir) / relative
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # absent, a dangling link, a loop of links
+        return None
+    if not real.is_relative_to(Path(run_dir).resolve()):
+        raise UserError(f"{path}: a link to {real}, outside the run folder; replace it with a copy of the file, "
+                        "or remove it")
+    return real if real.is_file() else None
+
+
+# The fields of metrics.json that the card and the server read, with the types they need: `load_metrics`
+# checks a file against them once, so a partial or tampered file is one line naming the field, never a crash
+# in the middle of a card or a 500 from the server. Unknown fields are left out of what it returns.
+
+
+def _whole_unicode(text: str) -> str:
+    text.encode("utf-8")  # a lone surrogate (JSON "\\ud800") raises: no page or card could show it
+    return text
+
+
+Text = Annotated[str, AfterValidator(_whole_unicode)]
+Count = Annotated[int, Field(ge=0)]
+
+
+class _Fields(BaseModel):
+    # strict: "0.6" is not a number and 1.0 not a count; no NaN or infinity, which JSON cannot carry
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class ClassFigures(_Fields):
+    f1: float
+    precision: float | None = None
+    recall: float | None = None
+    support: Count | None = None
+
+
+class ResultBlock(_Fields):
+    n: Count
+    macro_f1: float
+    macro_recall: float
+    accuracy: float
+    unparsed: Count | None = None
+    macro_f1_4class: float | None = None
+    per_class: dict[Text, ClassFigures] | None = None
+    confusion_columns: list[Text] | None = None  # before `confusion`, whose check reads it
+    confusion: list[list[Count]] | None = None
+
+    @field_validator("per_class")
+    @classmethod
+    def _every_label(cls, per_class):
+        if per_class is not None and set(LABELS) - set(per_class):
+            raise ValueError(f"expected the labels {', '.join(LABELS)}")
+        return per_class
+
+    @field_validator("confusion")
+    @classmethod
+    def _a_row_per_label_and_a_count_per_column(cls, confusion, info: ValidationInfo):
+        columns = info.data.get("confusion_columns") or [*LABELS, UNPARSED]
+        if confusion is not None and (len(confusion) != len(LABELS) or any(len(row) != len(columns) for row in confusion)):
+            raise ValueError(f"expected {len(LABELS)} rows of {len(columns)} counts ({', '.join(columns)})")
+        return confusion
+
+
+class TrainingRound(_Fields):
+    first_train_tweet: int
+    train_examples: Count
+    steps: Count
+    eval_every: int
+    seconds: float
+    best_val_macro_f1: float | None = None
+    best_step: int | None = None
+
+
+class TrainingSettings(_Fields):
+    method: Text | None = None
+    rank: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    targets: list[Text] | None = None
+    use_rslora: bool | None = None
+    epochs: float | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    warmup_ratio: float | None = None
+    weight_decay: float | None = None
+    max_grad_norm: float | None = None
+    seed: int | None = None
+    steps: Count | None = None
+    train_examples: Count | None = None
+    tokens: Count | None = None
+    seconds: float | None = None
+    device: Text | None = None
+    precision: Text | None = None
+    trainable_parameters: Count | None = None
+    total_parameters: Count | None = None
+    best_step: int | None = None
+    best_val_macro_f1: float | None = None
+    rounds: list[TrainingRound] | None = None
+
+
+class DataSummary(_Fields):
+    spec: Text | None = None
+    sizes: dict[Text, Count] | None = None
+
+
+class Example(_Fields):
+    text: Text | None = None
+    label: Text | None = None
+    before: Text | None = None
+    after: Text | None = None
+
+
+class RunMetrics(_Fields):
+    base_model_id: Text
+    model_source: Text | None = None
+    data: DataSummary | None = None
+    preset: Text | None = None
+    subset_note: Text | None = None
+    system_prompt: Text | None = None
+    training: TrainingSettings | None = None
+    results: dict[Text, dict[Text, dict[Text, ResultBlock]]] | None = None
+    examples: list[Example] | None = None
+    environment: dict[Text, Union[Text, bool, int, float, None]] | None = None
+    total_seconds: float | None = None
+
+
+def _read_json(path: Path, what_to_do: str):
+    """The JSON value in `path`; unreadable bytes, other encodings and bad syntax are a one-line UserError."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"{path}: cannot read it ({error.strerror or error}); {what_to_do}") from None
+    try:
+        text = raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at offset {error.start}); "
+                        f"{what_to_do}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}:{error.lineno}: invalid JSON ({error.msg}); {what_to_do}") from None
+    except (ValueError, RecursionError) as error:  # a number past Python's digit limit; nesting too deep
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).splitlines()[0]
+        raise UserError(f"{path}: invalid JSON ({reason}); {what_to_do}") from None
+
+
+def _field_path(location: tuple) -> str:
+    """`results.after.test.score.macro_f1` or `examples[0]` from pydantic's error location."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")
+
+
 def load_metrics(run_dir: str | Path) -> dict:
-    """`run_dir/metrics.json` as a dict; a missing or unreadable file is the user's to fix."""
+    """`run_dir/metrics.json` checked against `RunMetrics`, as a dict of the fields it declares (absent and
+    null fields left out). The one reader of that file: `report` and `serve` both use it."""
     path = Path(run_dir) / METRICS_FILE
+    rewrite = "run `doratweet run` again to rewrite it"
     if not path.is_file():
         raise UserError(f"{path}: no such file; run `doratweet run` first, then report on its run folder")
+    metrics = _read_json(path, rewrite)
+    if not isinstance(metrics, dict):
+        raise UserError(f"{path}: expected a JSON object (a doratweet metrics file), found {type(metrics).__name__}; "
+                        f"{rewrite}")
     try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise UserError(
-            f"{path}:{error.lineno}: invalid JSON ({error.msg}); run `doratweet run` again to rewrite it"
-        ) from None
-    if not isinstance(metrics, dict) or "base_model_id" not in metrics:
-        raise UserError(f"{path}: not a doratweet metrics file (no base_model_id); run `doratweet run` first")
-    return metrics
+        return RunMetrics.model_validate(metrics).model_dump(exclude_none=True)
+    except ValidationError as error:
+        problems = error.errors(include_url=False, include_input=False, include_context=False)
+        first = problems[0]
+        message = first["msg"].splitlines()[0].removeprefix("Value error, ")
+        field = _field_path(first["loc"])
+        raise UserError(f"{path}: {field or 'the file'}: {message}; fix that field, or {rewrite}") from None
 
 
 def load_train_log(run_dir: str | Path) -> list[dict]:
-    """The lines of `run_dir/train_log.jsonl`, in order; an absent file is an empty log."""
+    """The lines of `run_dir/train_log.jsonl`, in order; an absent file is an empty log. The fields the plots
+    read (`step`, `loss`, `val_macro_f1`) must be numbers where present."""
     path = Path(run_dir) / LOG_FILE
     if not path.is_file():
         return []
     log = []
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(
-                    f"{path}:{line_number}: invalid JSON ({error.msg}); fix or delete that line"
-                ) from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{line_number}: expected a JSON object; fix or delete that line")
-            log.append(record)
+    for line_number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"{path}:{line_number}: not valid UTF-8; fix or delete that line") from None
+        except (ValueError, RecursionError) as error:
+            reason = error.msg if isinstance(error, json.JSONDecodeError) else "not parseable"
+            raise UserError(f"{path}:{line_number}: invalid JSON ({reason}); fix or delete that line") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{line_number}: expected a JSON object; fix or delete that line")
+        for key in ("step", "loss", "val_macro_f1"):
+            value = record.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UserError(f"{path}:{line_number}: {key}: expected a number, found {json.dumps(value)[:40]}; "
+                                "fix or delete that line")
+        log.append(record)
     return log
 
 
@@ -90,12 +323,11 @@ def load_adapter_config(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / ADAPTER_DIR / ADAPTER_CONFIG_FILE
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise UserError(
-            f"{path}:{error.lineno}: invalid JSON ({error.msg}); run `doratweet run` again to rewrite it"
-        ) from None
+    config = _read_json(path, "run `doratweet run` again to rewrite it")
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object (a PEFT LoraConfig), found {type(config).__name__}; "
+                        "run `doratweet run` again to rewrite it")
+    return config
 
 
 def result(metrics: dict, stage: str, mode: str, split: str = "test") -> dict | None:
@@ -119,7 +351,7 @@ def _headline_mode(metrics: dict) -> str | None:
 
 def _base_name(metrics: dict) -> str:
     """`SmolLM2-135M-Instruct` for `HuggingFaceTB/SmolLM2-135M-Instruct` (or a local folder's name)."""
-    return metrics["base_model_id"].rstrip("/").split("/")[-1]
+    return public_name(metrics["base_model_id"]).split("/")[-1]
 
 
 def _method(metrics: dict, adapter_config: dict | None) -> str:
@@ -280,8 +512,9 @@ def _duration(seconds: float) -> str:
 
 
 def _front_matter(metrics: dict, method: str) -> str:
-    card = {
-        "base_model": metrics["base_model_id"],
+    # The Hub links base_model to that model's page: only a Hub id belongs there, never a local folder.
+    card = {"base_model": hub_id(metrics["base_model_id"])} if hub_id(metrics["base_model_id"]) else {}
+    card |= {
         "datasets": [HUB_DATASET],
         "library_name": "peft",
         "license": "apache-2.0",
@@ -308,7 +541,7 @@ def _front_matter(metrics: dict, method: str) -> str:
 
 
 def _intro(metrics: dict, method_name: str) -> str:
-    base = metrics["base_model_id"]
+    base = public_name(metrics["base_model_id"])
     lines = [
         f"A {method_name} adapter for `{base}` that labels the sentiment of a tweet as negative, neutral or "
         f"positive. It was trained with [doratweet](https://pypi.org/project/doratweet/) on TweetEval "
@@ -350,7 +583,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-BASE = "{metrics['base_model_id']}"
+BASE = "{public_name(metrics['base_model_id'])}"{"" if hub_id(metrics['base_model_id']) else "  # the local model folder it was trained on"}
 ADAPTER = "{adapter_path}"  # or the Hub repo id, with subfolder="{ADAPTER_DIR}"
 SYSTEM = {system_prompt}
 
@@ -384,7 +617,7 @@ def _training_details(metrics: dict, method_name: str) -> str:
     data = metrics.get("data") or {}
     if data:
         sizes = ", ".join(f"{split} {count:,}" for split, count in (data.get("sizes") or {}).items())
-        rows.append(["data", f"`{data.get('spec')}`" + (f" ({sizes} tweets)" if sizes else "")])
+        rows.append(["data", f"`{public_data_spec(data.get('spec'))}`" + (f" ({sizes} tweets)" if sizes else "")])
     # (row name, key in metrics.training, how to show the value); keys the run did not record are skipped.
     settings = [
         ("rank r", "rank", str),

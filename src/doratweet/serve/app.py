@@ -2,7 +2,7 @@
 
 Routes:
 - `POST /v1/classify` `{"texts": [...]}` -> `{"results": [{"label", "probabilities"}, ...]}`, in order;
-- `GET /v1/model`: base model, adapter, the run's metrics and plot names;
+- `GET /v1/model`: the base model and adapter by name (never a path), the run's metrics and plot names;
 - `GET /health`: liveness, never behind the API key (load balancers cannot send one);
 - `GET /` (classify page), `GET /report` (metrics and plots page), `GET /report/plots/NAME.png`;
 - `GET /docs`, `GET /openapi.json`: FastAPI's generated API documentation.
@@ -32,9 +32,22 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from .. import LABELS, __version__
-from ..report import ADAPTER_DIR, METRICS_FILE, PLOTS_DIR, README_FILE, STAGES, result
+from ..errors import UserError
+from ..report import (
+    ADAPTER_DIR,
+    METRICS_FILE,
+    PLOTS_DIR,
+    README_FILE,
+    STAGES,
+    file_inside,
+    hub_id,
+    load_metrics,
+    public_data_spec,
+    public_name,
+    result,
+)
 from ..texts import text_problem
-from .batching import DynamicBatcher, QueueFull
+from .batching import DynamicBatcher, QueueFull, ShuttingDown
 
 STATIC_DIR = Path(__file__).parent / "static"
 PLOT_NAME = re.compile(r"[A-Za-z0-9_-]+\.png")  # no separators, no dots but the suffix: no way out of plots/
@@ -93,6 +106,8 @@ def create_app(
                              queue_size=queue_size)
     run_dir = Path(run_dir) if run_dir else None
     adapter_dir = Path(adapter_dir) if adapter_dir else (run_dir / ADAPTER_DIR if run_dir else None)
+    adapter_name = (f"{adapter_dir.resolve().parent.name}/{adapter_dir.name}" if adapter_dir and adapter_dir.name == ADAPTER_DIR
+                    else adapter_dir.resolve().name if adapter_dir else None)
     # A generous bound on a valid body (every text at its longest, 4 bytes per character, JSON escaping),
     # checked before the body is parsed so a huge upload is refused without being read into memory.
     max_body_bytes = max_texts * (max_chars * 12 + 8) + 1024
@@ -134,7 +149,8 @@ def create_app(
                          413: error_response(f"more than {max_texts} texts, a text over {max_chars} characters, "
                                              "or a body larger than any valid request"),
                          422: error_response("not JSON, or not {\"texts\": [string, ...]}"),
-                         503: error_response("queue full; retry after the Retry-After header's seconds",
+                         503: error_response("queue full, or the server is shutting down; retry after the "
+                                             "Retry-After header's seconds",
                                              **{"Retry-After": "seconds to wait before retrying"})})
     async def classify(request: Request) -> ClassifyResponse:
         """Label each text; results come in the order of `texts`."""
@@ -144,14 +160,19 @@ def create_app(
         except QueueFull:
             raise HTTPException(503, "server busy: too many requests waiting; retry shortly",
                                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        except ShuttingDown:
+            raise HTTPException(503, "server shutting down; retry shortly (another instance, or this one "
+                                "restarted, will answer)", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         return ClassifyResponse(results=[Prediction(label=max(p, key=p.get), probabilities=p) for p in probabilities])
 
     @app.get("/v1/model", dependencies=guarded, responses=unauthorized)
     async def model_info() -> dict:
         """The base model, the adapter, the serving limits and, for a run folder, its test metrics."""
-        return {"base_model_id": classifier.base_model_id, "adapter": str(adapter_dir) if adapter_dir else None,
-                "run_dir": str(run_dir) if run_dir else None, "labels": list(LABELS), "limits": app.state.limits,
-                "model_card": bool(run_dir and (run_dir / README_FILE).is_file()),
+        # Names, never this machine's paths: the page and any client see which model answers, not where it lies.
+        return {"base_model": public_name(classifier.base_model_id), "base_model_id": hub_id(classifier.base_model_id),
+                "adapter": adapter_name, "run": run_dir.name if run_dir else None, "labels": list(LABELS),
+                "limits": app.state.limits,
+                "model_card": served_file(run_dir, README_FILE) is not None,
                 **run_summary(run_dir), "plots": plot_names(run_dir)}
 
     @app.get("/health")
@@ -165,9 +186,10 @@ def create_app(
     async def plot(name: Annotated[str, UrlPath(description="a name in /v1/model's `plots`",
                                                 examples=["confusion_after.png"])]) -> FileResponse:
         # Only names listed in plots/ are served: the name is matched, never joined into a path unchecked.
-        if not PLOT_NAME.fullmatch(name) or name not in plot_names(run_dir):
+        real = served_file(run_dir, f"{PLOTS_DIR}/{name}") if name in plot_names(run_dir) else None
+        if real is None:
             raise HTTPException(404, f"no plot {name!r}")
-        return FileResponse(run_dir / PLOTS_DIR / name, media_type="image/png")
+        return FileResponse(real, media_type="image/png")
 
     @app.get("/", include_in_schema=False)
     async def classify_page() -> FileResponse:
@@ -183,7 +205,27 @@ def create_app(
         return {"api_key_required": bool(api_key), "max_texts": max_texts, "max_chars": max_chars}
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(HeadAsGet)
     return app
+
+
+class HeadAsGet:
+    """Answers HEAD on every GET route as GET without the body (RFC 9110 9.3.2): load balancers and uptime
+    checkers probe with HEAD, and FastAPI's routes answer only the methods they name."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def send_without_body(message):
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_without_body)
 
 
 def latin1_bytes(text: str) -> list[bytes]:
@@ -241,24 +283,34 @@ def validation_message(error: ValidationError) -> str:
     return f"{place + ': ' if place else ''}{first['msg']}{more}; send {{\"texts\": [string, ...]}}"
 
 
+def served_file(run_dir: Path | None, relative: str) -> Path | None:
+    """The real path of a run-folder file the server may read: a regular file inside the run folder, links
+    included only while they stay inside it; else None, as if the file were absent."""
+    if run_dir is None:
+        return None
+    try:
+        return file_inside(run_dir, relative)
+    except UserError:
+        return None
+
+
 def plot_names(run_dir: Path | None) -> list[str]:
     folder = run_dir / PLOTS_DIR if run_dir else None
     if folder is None or not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.is_file() and PLOT_NAME.fullmatch(p.name))
+    return sorted(p.name for p in folder.iterdir()
+                  if PLOT_NAME.fullmatch(p.name) and served_file(run_dir, f"{PLOTS_DIR}/{p.name}"))
 
 
 def run_summary(run_dir: Path | None) -> dict:
     """The test-split metrics of metrics.json, before and after training, per mode; empty without a run.
-    A missing or broken metrics.json leaves the page without a table instead of failing the server."""
-    import json
-
-    path = run_dir / METRICS_FILE if run_dir else None
-    if path is None or not path.is_file():
+    A missing or malformed metrics.json (as `report.load_metrics` checks it) leaves the page without a table
+    instead of failing the server; `run_server` logs why once, at start."""
+    if served_file(run_dir, METRICS_FILE) is None:
         return {"metrics": None}
     try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        metrics = load_metrics(run_dir)
+    except UserError:
         return {"metrics": None}
     rows = []
     for stage in STAGES:
@@ -266,9 +318,11 @@ def run_summary(run_dir: Path | None) -> dict:
             block = result(metrics, stage, mode)
             if block:
                 rows.append({"stage": stage, "mode": mode, **{k: block.get(k) for k in METRIC_NAMES},
-                             "per_class_f1": {k: v.get("f1") for k, v in (block.get("per_class") or {}).items()},
+                             "per_class_f1": {k: v["f1"] for k, v in block.get("per_class", {}).items()},
                              "confusion": block.get("confusion"), "confusion_columns": block.get("confusion_columns")})
-    training = metrics.get("training") or {}
-    return {"metrics": {"test": rows, "data": metrics.get("data"), "preset": metrics.get("preset"),
-                        "training": {k: training.get(k) for k in ("method", "rank", "alpha", "targets", "steps",
-                                                                  "lr", "seconds", "device") if k in training}}}
+    training = metrics.get("training", {})
+    data = metrics.get("data", {}) | ({"spec": public_data_spec(metrics["data"]["spec"])}
+                                     if "spec" in metrics.get("data", {}) else {})
+    return {"metrics": {"test": rows, "data": data or None, "preset": metrics.get("preset"),
+                        "training": {k: training[k] for k in ("method", "rank", "alpha", "targets", "steps", "lr",
+                                                              "seconds", "device") if k in training}}}

@@ -6,11 +6,15 @@ milliseconds and gather. Requests wait in a bounded queue; one asyncio task take
 then keeps taking more until the batch holds `max_batch` texts or `max_wait_ms` have passed, and runs
 `predict_proba` in a single worker thread, so the event loop keeps accepting requests meanwhile and only one
 forward pass runs at a time (a second would only compete for the same cores).
+
+`drain` is the way out: new requests are refused (`ShuttingDown`, HTTP 503), the gathering wait ends, what is
+queued is answered, and whatever is still unanswered at the deadline is refused too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +23,11 @@ from typing import Callable
 
 class QueueFull(Exception):
     """More requests are waiting than the queue holds; the client should retry later (HTTP 503)."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping and takes no more requests, or could not answer this one before its deadline
+    (HTTP 503: another instance, or this one restarted, can answer it)."""
 
 
 @dataclass
@@ -33,6 +42,7 @@ class BatcherStats:
     texts: int = 0
     requests: int = 0
     largest_batch: int = 0
+    refused_at_shutdown: int = 0
 
 
 class DynamicBatcher:
@@ -40,7 +50,10 @@ class DynamicBatcher:
 
     def __init__(self, predict_proba: Callable[[list[str]], list[dict]], *, max_batch: int = 32,
                  max_wait_ms: float = 10.0, queue_size: int = 1024):
-        assert max_batch >= 1 and max_wait_ms >= 0 and queue_size >= 1
+        for name, value, lowest in (("max_batch", max_batch, 1), ("max_wait_ms", max_wait_ms, 0),
+                                    ("queue_size", queue_size, 1)):
+            if not (math.isfinite(value) and value >= lowest):  # inf would hold every request forever
+                raise ValueError(f"{name} must be a finite number >= {lowest}, got {value}")
         self.predict_proba = predict_proba
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
@@ -51,6 +64,9 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         self._getter: asyncio.Task | None = None
         self._thread: ThreadPoolExecutor | None = None
+        self._pending: set[asyncio.Future] = set()  # the answers owed, for `drain`
+        self._closing: asyncio.Event | None = None
+        self._closing_wait: asyncio.Task | None = None
 
     def _start(self) -> None:
         # Created on first use inside the running event loop, because asyncio queues and tasks belong to one
@@ -58,6 +74,8 @@ class DynamicBatcher:
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue(maxsize=self.queue_size)
         self._getter = None
+        self._closing = asyncio.Event()
+        self._closing_wait = self._loop.create_task(self._closing.wait())
         if self._thread is None:  # first use, or the first after `close` (a server whose lifespan restarts)
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="doratweet-forward")
         self._task = self._loop.create_task(self._run())
@@ -67,12 +85,30 @@ class DynamicBatcher:
             return []
         if self._task is None or self._loop is not asyncio.get_running_loop():
             self._start()
+        if self._closing.is_set():
+            raise ShuttingDown
         request = _Request(list(texts), asyncio.get_running_loop().create_future())
         try:
             self._queue.put_nowait(request)
         except asyncio.QueueFull:
             raise QueueFull from None
+        self._pending.add(request.done)
+        request.done.add_done_callback(self._pending.discard)
         return await request.done
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests, answer the waiting ones without waiting for company, and after `timeout`
+        seconds refuse (ShuttingDown) those still unanswered: a slow forward pass cannot hold the exit."""
+        if self._task is None or self._loop is not asyncio.get_running_loop():
+            return  # never started on this loop: nothing is waiting
+        self._closing.set()
+        owed = set(self._pending)
+        if owed:
+            await asyncio.wait(owed, timeout=timeout)
+        for answer in owed:
+            if not answer.done():
+                answer.set_exception(ShuttingDown())
+                self.stats.refused_at_shutdown += 1
 
     async def close(self) -> None:
         if self._task is not None:
@@ -82,9 +118,10 @@ class DynamicBatcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        if self._getter is not None:
-            self._getter.cancel()
-            self._getter = None
+        for waiter in (self._getter, self._closing_wait):
+            if waiter is not None:
+                waiter.cancel()
+        self._getter = self._closing_wait = None
         if self._thread is not None:
             self._thread.shutdown(wait=False, cancel_futures=True)
             self._thread = None
@@ -109,8 +146,11 @@ class DynamicBatcher:
             await self._forward(loop, batch)
 
     async def _next_request(self, timeout: float | None) -> _Request | None:
-        """The next waiting request, or None after `timeout` seconds. The pending `get` is kept, never
-        cancelled, between calls: cancelling a `get` that has just taken a request would lose that request."""
+        """The next waiting request, or None after `timeout` seconds (at once while draining: what is queued
+        goes without waiting for company). The pending `get` is kept, never cancelled, between calls:
+        cancelling a `get` that has just taken a request would lose that request."""
+        if timeout is not None and self._closing.is_set():
+            timeout = 0
         if self._getter is None:
             try:
                 return self._queue.get_nowait()
@@ -118,8 +158,12 @@ class DynamicBatcher:
                 if timeout is not None and timeout <= 0:
                     return None
                 self._getter = asyncio.get_running_loop().create_task(self._queue.get())
-        done, _ = await asyncio.wait({self._getter}, timeout=None if timeout is None else max(timeout, 0))
-        if not done:
+        if timeout is None:
+            await asyncio.wait({self._getter})
+        else:
+            await asyncio.wait({self._getter, self._closing_wait}, timeout=max(timeout, 0),
+                               return_when=asyncio.FIRST_COMPLETED)
+        if not self._getter.done():
             return None
         request, self._getter = self._getter.result(), None
         return request

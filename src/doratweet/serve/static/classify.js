@@ -61,7 +61,11 @@ async function showModel() {
   const response = await fetch("/v1/model", { headers: apiHeaders() });
   if (response.ok) {
     const info = await response.json();
-    document.getElementById("model").textContent = `Base model ${info.base_model_id}, adapter ${info.adapter}`;
+    // Which model answers, and how well it did on the test split (label scoring, as this page uses).
+    const after = info.metrics && info.metrics.test.find(r => r.stage === "after" && r.mode === "score");
+    const figures = after ? `; on ${after.n} test tweets: macro-F1 ${Number(after.macro_f1).toFixed(3)}, ` +
+      `macro-recall ${Number(after.macro_recall).toFixed(3)}, accuracy ${Number(after.accuracy).toFixed(3)}` : "";
+    document.getElementById("model").textContent = `Base model ${info.base_model}, adapter ${info.adapter}${figures}`;
   }
 }
 

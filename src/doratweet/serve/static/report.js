@@ -39,7 +39,7 @@ async function load() {
   const info = await response.json();
   status.textContent = "";
   document.getElementById("summary").textContent =
-    `Base model ${info.base_model_id}; adapter ${info.adapter}` + (info.run_dir ? `; run folder ${info.run_dir}` : "");
+    `Base model ${info.base_model}; adapter ${info.adapter}` + (info.run ? `; run ${info.run}` : "");
   const metrics = info.metrics;
   const metricsBox = document.getElementById("metrics");
   const confusionBox = document.getElementById("confusion");
