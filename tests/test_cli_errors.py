@@ -168,3 +168,39 @@ def test_python_dash_m_runs_the_same_command_and_keeps_its_exit_status(tmp_path)
                              capture_output=True, text=True)
     assert missing.returncode != 0
     assert len(missing.stderr.strip().splitlines()) == 1 and "none" in missing.stderr
+
+
+def train_args(model_dir, data_dir, out, *extra):
+    return ["--quiet", "train", "--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
+            "--max-steps", "1", "--rank", "4", "--alpha", "8", "--batch-size", "4", *extra]
+
+
+def test_overwrite_refuses_folders_it_did_not_make_and_keeps_them(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    home = tmp_path / "home"
+    (home / "checkpoint").mkdir(parents=True)
+    (home / "round-1").mkdir()
+    (home / "checkpoint" / "thesis.tex").write_text("thesis")
+    assert main(train_args(tiny_model_dir, tiny_data_dir, home, "--overwrite")) == 2
+    assert "checkpoint/thesis.tex is not a file doratweet writes there" in one_error_line(capsys)
+    assert sorted(p.name for p in home.iterdir()) == ["checkpoint", "round-1"]
+    assert (home / "checkpoint" / "thesis.tex").read_text() == "thesis"
+
+
+def test_overwrite_refuses_an_empty_folder_under_a_name_doratweet_uses(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                        capsys):
+    home = tmp_path / "home"
+    (home / "round-1").mkdir(parents=True)
+    assert main(train_args(tiny_model_dir, tiny_data_dir, home, "--overwrite")) == 2
+    assert "round-1/ is an empty folder" in one_error_line(capsys)
+    assert (home / "round-1").is_dir()
+
+
+def test_overwrite_leaves_files_under_other_names_alone(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "data").mkdir()
+    (out / "data" / "train.csv").write_text("id,text,label\n")
+    assert main(train_args(tiny_model_dir, tiny_data_dir, out, "--overwrite")) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "data" / "train.csv").read_text() == "id,text,label\n"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

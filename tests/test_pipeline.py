@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 
 import pytest
 import yaml
@@ -134,3 +135,47 @@ def test_every_option_in_help_states_its_default(verb):
     for action in sub._actions:
         if action.option_strings and action.dest != "help" and not action.required:
             assert "default" in (action.help or ""), f"{verb} {action.option_strings}"
+
+
+def run_args(model_dir, data_dir, out, *extra):
+    return ["--quiet", "run", "--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
+            "--max-steps", "2", "--rank", "4", "--alpha", "8", "--batch-size", "4", *extra]
+
+
+def test_run_overwrite_never_replaces_a_users_readme(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "README.md").write_text("# My project\n\nNotes I keep here.\n")
+    assert main(run_args(tiny_model_dir, tiny_data_dir, out, "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert "README.md does not hold what doratweet writes there" in err and err.count("\n") == 1
+    assert (out / "README.md").read_text() == "# My project\n\nNotes I keep here.\n"
+    assert [p.name for p in out.iterdir()] == ["README.md"]
+
+
+def test_report_never_replaces_a_readme_it_did_not_write(tiny_run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run)
+    (run / "README.md").write_text("# My own notes\n")
+    assert main(["--quiet", "report", str(run)]) == 2
+    assert "README.md: does not hold what doratweet writes there" in capsys.readouterr().err
+    assert (run / "README.md").read_text() == "# My own notes\n"
+
+
+def test_overwrite_replaces_a_previous_run_whole_and_its_checkpoints_cannot_be_resumed(
+        tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(run_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "4", "--save-every", "2")) == 0
+    (out / "round-1").mkdir()  # as a run in rounds leaves it
+    for name in ("adapter", "checkpoint"):
+        shutil.copytree(out / name, out / "round-1" / name)
+    shutil.copy(out / "train_log.jsonl", out / "round-1")
+    (out / "round-1" / "train_summary.json").write_text(json.dumps({"steps": 4}))
+    (out / "notes.txt").write_text("mine")
+    assert main(["--quiet", "train", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir), "--out", str(out),
+                 "--max-steps", "1", "--rank", "4", "--alpha", "8", "--batch-size", "4", "--save-every", "1",
+                 "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoint", "notes.txt", "train_log.jsonl",
+                                                      "train_summary.json"]  # the old card, metrics, plots are gone
+    assert [p.name for p in (out / "checkpoint").iterdir()] == ["step-00000001"]
+    assert (out / "notes.txt").read_text() == "mine"

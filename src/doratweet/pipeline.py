@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from datetime import date
@@ -30,6 +29,7 @@ from .evaluate import Predictions, classification_metrics, predict
 from .models import EMBEDDED_NAME, load_base_model
 from .hardware import inference_model
 from .predict import adapter_folder, base_model_spec
+from .run_folder import previous_run_entries, remove_previous_run
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
 from .train import ADAPTER_DIR, CHECKPOINT_DIR, TrainConfig, load_trained_adapter, train
 
@@ -143,6 +143,8 @@ def check_out_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:
                         "--out at the run (checkpoints are written every --save-every steps and on Ctrl-C)")
     if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume):
         raise UserError(f"--out {out_dir}: the folder exists and is not empty; pass --overwrite or choose another")
+    if overwrite:
+        previous_run_entries(out_dir)  # refuses, naming it, anything under a run's names that no run wrote
 
 
 # The options that fix an adapter's shape; an --init-adapter brings its own.
@@ -212,12 +214,12 @@ def train_in_rounds(model, fmt, rounds: list[tuple[Round, int, Split]], validati
 
 
 def start_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Create --out once the inputs are known to be good, so a bad input leaves no half-made folder behind."""
+    """Create --out once the inputs are known to be good, so a bad input leaves no half-made folder behind.
+    --overwrite removes the previous run's files (only those: see run_folder.py), so that none of them passes for
+    this run's: an old checkpoint or round a later --resume would pick up, an old card beside a new adapter."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:  # an old run's checkpoints and rounds would otherwise be taken for this run's by a later --resume
-        shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
-        for round_folder in out_dir.glob("round-*"):
-            shutil.rmtree(round_folder, ignore_errors=True)
+    if overwrite:
+        remove_previous_run(out_dir)
 
 
 def write_json(path: Path, value) -> None:
