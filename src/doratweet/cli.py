@@ -13,7 +13,7 @@ from pathlib import Path
 from . import __version__
 from .errors import UserError
 from .prompts import DEFAULT_SYSTEM_PROMPT
-from .train import TrainConfig
+from .train import MAX_COUNT, TrainConfig
 
 TRAIN_DEFAULTS = TrainConfig()
 # Options shared by `run` and `train`: (flag, TrainConfig field, type, help).
@@ -109,6 +109,8 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    if value > MAX_COUNT:  # counts reach torch as 64-bit integers
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT}, got {value}")
     return value
 
 

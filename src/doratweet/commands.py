@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import LABELS, distributed
 from .adapters import load_adapter, merge_adapters, read_adapter_config, target_module_names
+from .adapters.inject import check_rank_fits
 from .data import load_data, load_split
 from .errors import UserError
 from .files import write_atomically
@@ -56,6 +57,8 @@ def train_command(args, config: TrainConfig, data_options: dict) -> dict:
                                trust_remote_code=args.trust_remote_code)
     config.extra = {"system_prompt": args.system_prompt, "model_spec": model_spec, "labels": list(LABELS)}
     target_module_names(base.model, config.targets)
+    if not init_folder:  # an --init-adapter brings its own rank
+        check_rank_fits(base.model, config.targets, config.rank)
     if init_folder:
         start_from_adapter(base.model, init_folder, config, args.train_skip)
     fmt = make_prompt_format(base.tokenizer, args.system_prompt)

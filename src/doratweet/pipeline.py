@@ -22,6 +22,7 @@ import torch
 
 from . import LABELS, __version__, distributed
 from .adapters import load_adapter, read_adapter_config, target_module_names
+from .adapters.inject import check_rank_fits
 from .checkpoints import checkpoint_folders
 from .data import Split, load_data, resolve_data_spec
 from .errors import UserError
@@ -305,7 +306,10 @@ def run_pipeline(
     with distributed.main_process_first():
         base = load_base_model(model_spec, device=device, trust_remote_code=trust_remote_code)
     fmt = make_prompt_format(base.tokenizer, system_prompt)
-    target_module_names(base.model, config.targets)  # an unknown --targets fails now, not after the evaluation
+    # An unknown --targets, or a --rank the layers cannot take, fails now, not after the evaluation
+    target_module_names(base.model, config.targets)
+    if not init_folder:  # an --init-adapter brings its own rank
+        check_rank_fits(base.model, config.targets, config.rank)
     examples_split = splits["train"].head(5)
 
     if main:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .adapters import DEFAULT_TARGETS, add_adapters, adapter_parameters, get_adapter_config, save_adapter
-from .adapters.inject import adapter_state_dict
+from .adapters.inject import adapter_state_dict, check_rank_fits
 from .checkpoints import (
     checkpoint_folders,
     load_latest_checkpoint,
@@ -51,6 +51,14 @@ from .prompts import IGNORE_INDEX, PromptFormat, training_example
 CHECKPOINT_DIR = "checkpoint"
 ADAPTER_DIR = "adapter"
 LOG_FILE = "train_log.jsonl"
+
+
+MAX_COUNT = 2**63 - 1  # the largest 64-bit integer: what torch takes as a number
+# torch.manual_seed takes 0..2**64-1 (a negative seed repeats a positive one's state); under torchrun rank r seeds
+# with seed + 1_000_003 * r, which stays in range from any seed up to 2**63 - 1.
+MAX_SEED = 2**63 - 1
+COUNT_FIELDS = ("rank", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_limit", "save_every",
+                "log_every", "eval_batch_size")
 
 
 @dataclass
@@ -101,7 +109,11 @@ class TrainConfig:
             ("eval_limit", self.eval_limit is None or self.eval_limit >= 1, "must be 1 or more"),
             ("save_every", self.save_every >= 0, "must be 0 (only on Ctrl-C) or more"),
             ("log_every", self.log_every >= 1, "must be 1 or more"),
+            ("seed", 0 <= self.seed <= MAX_SEED, f"must be a whole number from 0 to {MAX_SEED}"),
         ]
+        # Counts go into torch as 64-bit integers (a larger one raised OverflowError mid-run).
+        checks += [(name, getattr(self, name) is None or getattr(self, name) <= MAX_COUNT, f"must be at most {MAX_COUNT}")
+                   for name in COUNT_FIELDS]
         for name, ok, fix in checks:
             if not ok:
                 value = getattr(self, name)
@@ -247,11 +259,12 @@ def train(
     rank 0 alone writes out_dir, and, with FSDP, the model stays sharded across the ranks afterwards."""
     out_dir = Path(out_dir)
     parallel, world, main = distributed.active(), distributed.world_size(), distributed.is_main_process()
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     if get_adapter_config(model) is None:
+        check_rank_fits(model, config.targets, config.rank)
         add_adapters(model, config.method, config.rank, config.alpha, config.dropout, config.targets, config.use_rslora)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     get_adapter_config(model).extra = {**get_adapter_config(model).extra, **config.extra}
     device = adapter_parameters(model)[0].device
     use_bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
