@@ -6,13 +6,16 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 from . import __version__
 from .errors import UserError
 from .prompts import DEFAULT_SYSTEM_PROMPT
+from .stopping import Terminated, sigterm_as_interrupt
 from .train import MAX_COUNT, TrainConfig
 
 TRAIN_DEFAULTS = TrainConfig()
@@ -236,18 +239,23 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+    # SIGTERM (kill, docker stop, SLURM) stops a command as Ctrl-C does; `serve` shuts down on it in its own way.
+    stop_on_sigterm = sigterm_as_interrupt() if args.verb != "serve" else nullcontext()
     try:
-        return VERBS[args.verb](args) or 0
+        with stop_on_sigterm:
+            return VERBS[args.verb](args) or 0
     except UserError as err:
         if args.debug:
             traceback.print_exc()
         print(f"doratweet: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (Terminated)
         if args.debug:
             traceback.print_exc()
-        print("doratweet: interrupted; training runs saved a checkpoint: continue with --resume", file=sys.stderr)
-        return 130
+        how = "stopped by SIGTERM" if isinstance(interrupt, Terminated) else "interrupted"
+        kept = str(interrupt)  # training says which checkpoint it kept
+        print(f"doratweet: {how}" + (f"; {kept}" if kept else ""), file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
     except Exception as err:  # a bug, or the system (disk full, out of memory): one line unless --debug
         if args.debug:
             raise

@@ -12,9 +12,6 @@ import json
 import math
 import os
 import random
-import signal
-import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +44,7 @@ from .evaluate import (
     split_model,
 )
 from .prompts import IGNORE_INDEX, PromptFormat, training_example
+from .stopping import StopRequests
 
 CHECKPOINT_DIR = "checkpoint"
 ADAPTER_DIR = "adapter"
@@ -375,7 +373,7 @@ def train(
     updating = False  # True while the weights, optimizer and schedule are between two steps' states
     stopping_together = False  # every rank agreed to stop after this step (Ctrl-C on any of them)
     try:
-        with _CtrlC() as ctrl_c:
+        with StopRequests() as stop_requests:
             while state.step < total_steps:
                 optimizer.zero_grad(set_to_none=True)
                 step_losses = []
@@ -415,16 +413,16 @@ def train(
                     save()
                 if on_step is not None:
                     on_step(state.step)
-                if distributed.any_process(ctrl_c.pressed):
+                if distributed.any_process(stop_requests.pressed):
                     stopping_together = True
-                    raise KeyboardInterrupt
+                    stop_requests.stop()
         evaluate_and_keep_best()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (stopping.Terminated)
         # Between steps the weights, optimizer and schedule agree: safe to resume from. Several ranks save only
         # when they stopped together (saving is collective); a second Ctrl-C there stops without saving.
         if not updating and (not parallel or stopping_together):
             save()
-        raise
+        raise type(stop)(_last_checkpoint_note(checkpoint)) from stop  # the CLI's last line: what is kept
     finally:
         bar.close()
         if log_file is not None:
@@ -469,29 +467,6 @@ def _load_adapter_weights(model, adapter_dir: Path) -> None:
     with distributed.whole_adapter(model), torch.no_grad():
         for key, tensor in adapter_state_dict(model).items():
             tensor.copy_(saved[key])
-
-
-class _CtrlC:
-    """The first Ctrl-C lets the current step finish (so the checkpoint is exact), the second stops at once."""
-
-    def __init__(self):
-        self.pressed = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.pressed:
-            raise KeyboardInterrupt
-        self.pressed = True
-        print("\ndoratweet: finishing this step, then saving a checkpoint (Ctrl-C again to stop now)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def _resume_relevant(config: TrainConfig) -> dict:
