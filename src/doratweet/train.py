@@ -422,7 +422,8 @@ def train(
         # when they stopped together (saving is collective); a second Ctrl-C there stops without saving.
         if not updating and (not parallel or stopping_together):
             save()
-        raise type(stop)(_last_checkpoint_note(checkpoint)) from stop  # the CLI's last line: what is kept
+        # The CLI's last line says what is kept; rank 0 alone is sure to see the run folder.
+        raise type(stop)(_last_checkpoint_note(checkpoint) if main else "") from stop
     finally:
         bar.close()
         if log_file is not None:
