@@ -179,3 +179,30 @@ def test_overwrite_replaces_a_previous_run_whole_and_its_checkpoints_cannot_be_r
                                                       "train_summary.json"]  # the old card, metrics, plots are gone
     assert [p.name for p in (out / "checkpoint").iterdir()] == ["step-00000001"]
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_evaluate_never_replaces_a_file_it_did_not_write(tiny_run_dir, tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    args = ["--quiet", "evaluate", "--adapter", str(tiny_run_dir), "--data", str(tiny_data_dir), "--out", str(out)]
+    out.write_text("my own results\n")
+    assert main(args) == 2
+    assert "results.json: does not hold what doratweet writes there" in capsys.readouterr().err
+    assert out.read_text() == "my own results\n"
+    out.unlink()
+    (tmp_path / "results.predictions.txt").write_text("my notes\n")
+    assert main(args) == 2
+    assert "results.predictions.txt: does not hold" in capsys.readouterr().err
+    assert (tmp_path / "results.predictions.txt").read_text() == "my notes\n" and not out.exists()
+    (tmp_path / "results.predictions.txt").unlink()
+    assert main(args) == 0 and main(args) == 0  # its own output it replaces
+
+
+def test_run_resume_refuses_a_users_readme_before_any_work(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(run_args(tiny_model_dir, tiny_data_dir, out, "--save-every", "1")) == 0
+    metrics = (out / "metrics.json").read_text()
+    (out / "README.md").write_text("# Notes on this run\n")
+    assert main(run_args(tiny_model_dir, tiny_data_dir, out, "--save-every", "1", "--resume")) == 2
+    assert "README.md: does not hold what doratweet writes there" in capsys.readouterr().err
+    assert (out / "README.md").read_text() == "# Notes on this run\n"
+    assert (out / "metrics.json").read_text() == metrics  # refused before evaluating anything

@@ -34,6 +34,7 @@ from .predict import (
     read_prediction_input,
 )
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
+from .run_folder import is_json_object, is_label_ids, refuse_to_replace
 from .train import TrainConfig, train
 
 log = logging.getLogger("doratweet")
@@ -73,6 +74,10 @@ def train_command(args, config: TrainConfig, data_options: dict) -> dict:
 
 
 def evaluate_command(args, data_options: dict, bf16: bool | None) -> dict:
+    if args.out:  # replaced at the end: refuse now a file evaluate did not write there
+        out = Path(args.out)
+        refuse_to_replace(out, lambda p: is_json_object(p, "mode", "macro_f1", "n"), "evaluate's metrics")
+        refuse_to_replace(out.with_suffix(".predictions.txt"), is_label_ids, "evaluate's predictions")
     split = load_split(args.data, args.split, **data_options).head(args.limit)
     system_prompt = args.system_prompt
     if args.adapter:

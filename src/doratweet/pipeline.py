@@ -30,7 +30,7 @@ from .evaluate import Predictions, classification_metrics, predict
 from .models import EMBEDDED_NAME, load_base_model
 from .hardware import inference_model
 from .predict import adapter_folder, base_model_spec
-from .run_folder import previous_run_entries, remove_previous_run
+from .run_folder import CARD_FILE, is_own_card, previous_run_entries, refuse_to_replace, remove_previous_run
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
 from .train import ADAPTER_DIR, CHECKPOINT_DIR, TrainConfig, load_trained_adapter, train
 
@@ -284,6 +284,8 @@ def run_pipeline(
     config.extra = {"system_prompt": system_prompt, "model_spec": model_spec, "labels": list(LABELS)}
     if main:
         check_out_dir(out_dir, overwrite, resume)
+        if resume:  # the card is written at the very end: a README.md that is not one is refused now
+            refuse_to_replace(out_dir / CARD_FILE, is_own_card, "the model card")
 
     splits = load_data(data_spec, **(data_options or {}))
     for needed in ("train", "test"):

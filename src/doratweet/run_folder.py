@@ -42,7 +42,7 @@ def _anything(path: Path) -> bool:
     return True
 
 
-def _json_object(path: Path, *keys: str) -> bool:
+def is_json_object(path: Path, *keys: str) -> bool:
     try:
         value = json.loads(path.read_bytes())
     except (ValueError, OSError):
@@ -62,7 +62,7 @@ def _png(path: Path) -> bool:
         return f.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE
 
 
-def _label_ids(path: Path) -> bool:
+def is_label_ids(path: Path) -> bool:
     return all(re.fullmatch(rb"-?\d", line) for line in path.read_bytes().splitlines())
 
 
@@ -148,17 +148,17 @@ def _folder(layout: _Layout) -> Check:
 _CHECKPOINT_STEP = _folder(_Layout({"state.json": _file(),  # even a damaged state.json is the checkpoint's own
                                     "tensors.safetensors": _file(_safetensors)}))
 TRAINING_LAYOUT = _Layout({  # what `doratweet train` writes, and each round of `doratweet run`
-    "adapter": _folder(_Layout({"adapter_config.json": _file(lambda p: _json_object(p, "peft_type", "doratweet")),
+    "adapter": _folder(_Layout({"adapter_config.json": _file(lambda p: is_json_object(p, "peft_type", "doratweet")),
                                 "adapter_model.safetensors": _file(_safetensors)})),
     "checkpoint": _folder(_Layout({}, {r"step-\d{8}": _CHECKPOINT_STEP, r"\.step-\d{8}\.(tmp|trash)": _CHECKPOINT_STEP})),
     "train_log.jsonl": _file(_train_log),
-    "train_summary.json": _file(lambda p: _json_object(p, "steps")),
+    "train_summary.json": _file(lambda p: is_json_object(p, "steps")),
 })
 RUN_LAYOUT = _Layout({  # what `doratweet run` writes on top
     **TRAINING_LAYOUT.names,
-    "metrics.json": _file(lambda p: _json_object(p, "results", "training")),
+    "metrics.json": _file(lambda p: is_json_object(p, "results", "training")),
     CARD_FILE: _file(is_own_card),
-    "predictions": _folder(_Layout({name: _file(_label_ids) for name in PREDICTION_FILES})),
+    "predictions": _folder(_Layout({name: _file(is_label_ids) for name in PREDICTION_FILES})),
     "plots": _folder(_Layout({name: _file(_png) for name in PLOT_FILES})),
 }, {r"round-\d+": _folder(TRAINING_LAYOUT)})
 
