@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from doratweet import SentimentClassifier
+from doratweet.errors import UserError
 from doratweet.cli import build_parser, main
 
 
@@ -206,3 +207,32 @@ def test_run_resume_refuses_a_users_readme_before_any_work(tiny_model_dir, tiny_
     assert "README.md: does not hold what doratweet writes there" in capsys.readouterr().err
     assert (out / "README.md").read_text() == "# Notes on this run\n"
     assert (out / "metrics.json").read_text() == metrics  # refused before evaluating anything
+
+
+def test_overwrite_removes_what_a_killed_run_leaves_half_written(tiny_run_dir, tmp_path):
+    from doratweet.run_folder import remove_previous_run
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, out)
+    (out / ".metrics.json.tmp").write_text("{")  # killed while writing metrics.json
+    half = out / "checkpoint" / ".step-00000004.tmp"  # killed while writing a checkpoint
+    half.mkdir(parents=True)
+    shutil.copy(out / "adapter" / "adapter_model.safetensors", half / "tensors.safetensors")
+    (out / ".round-1.trash").mkdir()  # killed while an earlier --overwrite removed a round
+    (out / "notes.txt").write_text("mine")
+    remove_previous_run(out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_overwrite_never_follows_a_link_out_of_the_run_folder(tiny_run_dir, tmp_path, capsys):
+    from doratweet.run_folder import remove_previous_run
+
+    elsewhere = tmp_path / "my-checkpoints"
+    shutil.copytree(tiny_run_dir / "adapter", elsewhere)
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, out)
+    shutil.rmtree(out / "adapter")
+    (out / "adapter").symlink_to(elsewhere)
+    with pytest.raises(UserError, match=r"adapter/? is not a folder"):
+        remove_previous_run(out)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
