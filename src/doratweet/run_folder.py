@@ -150,7 +150,8 @@ _CHECKPOINT_STEP = _folder(_Layout({"state.json": _file(),  # even a damaged sta
 TRAINING_LAYOUT = _Layout({  # what `doratweet train` writes, and each round of `doratweet run`
     "adapter": _folder(_Layout({"adapter_config.json": _file(lambda p: is_json_object(p, "peft_type", "doratweet")),
                                 "adapter_model.safetensors": _file(_safetensors)})),
-    "checkpoint": _folder(_Layout({}, {r"step-\d{8}": _CHECKPOINT_STEP, r"\.step-\d{8}\.(tmp|trash)": _CHECKPOINT_STEP})),
+    "checkpoint": _folder(_Layout({}, {r"step-\d{8}": _CHECKPOINT_STEP,
+                                       r"\.step-\d{8}\.(tmp|trash)": _CHECKPOINT_STEP})),
     "train_log.jsonl": _file(_train_log),
     "train_summary.json": _file(lambda p: is_json_object(p, "steps")),
 })

@@ -110,8 +110,8 @@ class TrainConfig:
             ("seed", 0 <= self.seed <= MAX_SEED, f"must be a whole number from 0 to {MAX_SEED}"),
         ]
         # Counts go into torch as 64-bit integers (a larger one raised OverflowError mid-run).
-        checks += [(name, getattr(self, name) is None or getattr(self, name) <= MAX_COUNT, f"must be at most {MAX_COUNT}")
-                   for name in COUNT_FIELDS]
+        checks += [(name, getattr(self, name) is None or getattr(self, name) <= MAX_COUNT,
+                    f"must be at most {MAX_COUNT}") for name in COUNT_FIELDS]
         for name, ok, fix in checks:
             if not ok:
                 value = getattr(self, name)
