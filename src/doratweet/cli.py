@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--test-limit", type=positive_int, default=None, help="evaluate on the first N test tweets (default: preset's)")
     run.add_argument("--generate-limit", type=positive_int, default=None,
                      help="evaluate generation on the first N of those (default: preset's)")
-    run.add_argument("--overwrite", action="store_true", help="replace a previous run in --out: only the files a doratweet run wrote "
-                     "are removed, anything else under their names is refused (default: off)")
+    run.add_argument("--overwrite", action="store_true", help="replace a previous run in --out: only the files "
+                    "a doratweet run wrote are removed; anything else under their names is refused (default: off)")
     run.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (default: off)")
     run.add_argument("--eval-batch-size", type=positive_int, default=32, help="tweets per evaluation batch (default: %(default)s)")
     add_precision_option(run)
@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N tweets (default: all)")
     add_init_adapter_options(tr)
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (default: off)")
-    tr.add_argument("--overwrite", action="store_true", help="replace a previous run in --out: only the files a doratweet run wrote "
-                     "are removed, anything else under their names is refused (default: off)")
+    tr.add_argument("--overwrite", action="store_true", help="replace a previous run in --out: only the files "
+                    "a doratweet run wrote are removed; anything else under their names is refused (default: off)")
     tr.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base model across the processes "
                     "(FSDP) instead of copying it to each (DDP), for models that do not fit one GPU (default: off)")
     add_training_options(tr, preset_defaults=False)
