@@ -47,6 +47,17 @@ def one_error_line(capsys) -> str:
     ("--train-limit", "-5", "argument --train-limit: must be 1 or more"),
     ("--rank", "sixteen", "argument --rank: invalid int value: 'sixteen'"),
     ("--preset", "fastest", "argument --preset: invalid choice: 'fastest'"),
+    ("--targets", "lm_head", "--targets lm_head: the output head cannot be adapted"),
+    ("--targets", "embed_tokens", "--targets embed_tokens: is an Embedding, not a linear layer"),
+    ("--targets", "act_fn", "--targets act_fn: is a SiLU"),
+    ("--rank", "100000", "--rank 100000: larger than the adapted layers allow (at most 32"),
+    ("--rank", "33", "--rank 33: larger than the adapted layers allow (at most 32"),
+    ("--seed", "1180591620717411303424", "--seed 1180591620717411303424: must be a whole number from 0 to"),
+    ("--seed", "-1", "--seed -1: must be a whole number from 0 to"),
+    ("--grad-accum", "100000000000000000000", "--grad-accum 100000000000000000000: must be at most"),
+    ("--max-steps", "100000000000000000000", "--max-steps 100000000000000000000: must be at most"),
+    ("--eval-every", "100000000000000000000", "--eval-every 100000000000000000000: must be at most"),
+    ("--test-limit", "100000000000000000000", "argument --test-limit: must be at most"),
 ])
 def test_an_invalid_option_is_one_line_and_writes_nothing(option, value, message, tiny_model_dir, tiny_data_dir,
                                                           tmp_path, capsys):
@@ -168,3 +179,70 @@ def test_python_dash_m_runs_the_same_command_and_keeps_its_exit_status(tmp_path)
                              capture_output=True, text=True)
     assert missing.returncode != 0
     assert len(missing.stderr.strip().splitlines()) == 1 and "none" in missing.stderr
+
+
+def train_args(model_dir, data_dir, out, *extra):
+    return ["--quiet", "train", "--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
+            "--max-steps", "1", "--rank", "4", "--alpha", "8", "--batch-size", "4", *extra]
+
+
+def test_overwrite_refuses_folders_it_did_not_make_and_keeps_them(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    home = tmp_path / "home"
+    (home / "checkpoint").mkdir(parents=True)
+    (home / "round-1").mkdir()
+    (home / "checkpoint" / "thesis.tex").write_text("thesis")
+    assert main(train_args(tiny_model_dir, tiny_data_dir, home, "--overwrite")) == 2
+    assert "checkpoint/thesis.tex is not a file doratweet writes there" in one_error_line(capsys)
+    assert sorted(p.name for p in home.iterdir()) == ["checkpoint", "round-1"]
+    assert (home / "checkpoint" / "thesis.tex").read_text() == "thesis"
+
+
+def test_overwrite_refuses_an_empty_folder_under_a_name_doratweet_uses(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                        capsys):
+    home = tmp_path / "home"
+    (home / "round-1").mkdir(parents=True)
+    assert main(train_args(tiny_model_dir, tiny_data_dir, home, "--overwrite")) == 2
+    assert "round-1/ is an empty folder" in one_error_line(capsys)
+    assert (home / "round-1").is_dir()
+
+
+def test_overwrite_leaves_files_under_other_names_alone(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "data").mkdir()
+    (out / "data" / "train.csv").write_text("id,text,label\n")
+    assert main(train_args(tiny_model_dir, tiny_data_dir, out, "--overwrite")) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "data" / "train.csv").read_text() == "id,text,label\n"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_every_target_an_error_lists_can_be_adapted(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    from conftest import build_tiny_model
+
+    from doratweet.adapters import add_adapters
+    from doratweet.adapters.inject import adapter_modules
+
+    assert main(run_args(tiny_model_dir, tiny_data_dir, tmp_path / "run", "--targets", "qkv")) == 2
+    listed = one_error_line(capsys).rstrip().rsplit("are: ", 1)[1].split(", ")
+    assert "lm_head" not in listed and "q_proj" in listed
+    model, tokenizer = build_tiny_model()
+    add_adapters(model, "dora", rank=4, alpha=8, targets=tuple(listed))
+    assert {name.rsplit(".", 1)[1] for name in adapter_modules(model)} == set(listed)
+    assert model(**tokenizer(["good day"], return_tensors="pt")).logits.isfinite().all()
+
+
+def test_a_target_pattern_never_wraps_the_output_head():
+    from conftest import build_tiny_model
+
+    from doratweet.adapters import add_adapters
+    from doratweet.adapters.inject import adapter_modules
+
+    model, _ = build_tiny_model()
+    add_adapters(model, "lora", rank=4, alpha=8, targets=r".*")
+    assert adapter_modules(model) and "lm_head" not in adapter_modules(model)
+
+
+def test_the_largest_rank_the_layers_allow_is_accepted(tiny_model_dir, tiny_data_dir, tmp_path):
+    # k_proj and v_proj map 64 features to 32 (2 key-value heads of 16) in the tiny model
+    assert main(train_args(tiny_model_dir, tiny_data_dir, tmp_path / "run", "--rank", "32")) == 0

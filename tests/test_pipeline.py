@@ -2,11 +2,13 @@
 
 import io
 import json
+import shutil
 
 import pytest
 import yaml
 
 from doratweet import SentimentClassifier
+from doratweet.errors import UserError
 from doratweet.cli import build_parser, main
 
 
@@ -134,3 +136,103 @@ def test_every_option_in_help_states_its_default(verb):
     for action in sub._actions:
         if action.option_strings and action.dest != "help" and not action.required:
             assert "default" in (action.help or ""), f"{verb} {action.option_strings}"
+
+
+def run_args(model_dir, data_dir, out, *extra):
+    return ["--quiet", "run", "--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
+            "--max-steps", "2", "--rank", "4", "--alpha", "8", "--batch-size", "4", *extra]
+
+
+def test_run_overwrite_never_replaces_a_users_readme(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "README.md").write_text("# My project\n\nNotes I keep here.\n")
+    assert main(run_args(tiny_model_dir, tiny_data_dir, out, "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert "README.md does not hold what doratweet writes there" in err and err.count("\n") == 1
+    assert (out / "README.md").read_text() == "# My project\n\nNotes I keep here.\n"
+    assert [p.name for p in out.iterdir()] == ["README.md"]
+
+
+def test_report_never_replaces_a_readme_it_did_not_write(tiny_run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run)
+    (run / "README.md").write_text("# My own notes\n")
+    assert main(["--quiet", "report", str(run)]) == 2
+    assert "README.md: does not hold what doratweet writes there" in capsys.readouterr().err
+    assert (run / "README.md").read_text() == "# My own notes\n"
+
+
+def test_overwrite_replaces_a_previous_run_whole_and_its_checkpoints_cannot_be_resumed(
+        tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(run_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "4", "--save-every", "2")) == 0
+    (out / "round-1").mkdir()  # as a run in rounds leaves it
+    for name in ("adapter", "checkpoint"):
+        shutil.copytree(out / name, out / "round-1" / name)
+    shutil.copy(out / "train_log.jsonl", out / "round-1")
+    (out / "round-1" / "train_summary.json").write_text(json.dumps({"steps": 4}))
+    (out / "notes.txt").write_text("mine")
+    assert main(["--quiet", "train", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir), "--out", str(out),
+                 "--max-steps", "1", "--rank", "4", "--alpha", "8", "--batch-size", "4", "--save-every", "1",
+                 "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoint", "notes.txt", "train_log.jsonl",
+                                                      "train_summary.json"]  # the old card, metrics, plots are gone
+    assert [p.name for p in (out / "checkpoint").iterdir()] == ["step-00000001"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_evaluate_never_replaces_a_file_it_did_not_write(tiny_run_dir, tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    args = ["--quiet", "evaluate", "--adapter", str(tiny_run_dir), "--data", str(tiny_data_dir), "--out", str(out)]
+    out.write_text("my own results\n")
+    assert main(args) == 2
+    assert "results.json: does not hold what doratweet writes there" in capsys.readouterr().err
+    assert out.read_text() == "my own results\n"
+    out.unlink()
+    (tmp_path / "results.predictions.txt").write_text("my notes\n")
+    assert main(args) == 2
+    assert "results.predictions.txt: does not hold" in capsys.readouterr().err
+    assert (tmp_path / "results.predictions.txt").read_text() == "my notes\n" and not out.exists()
+    (tmp_path / "results.predictions.txt").unlink()
+    assert main(args) == 0 and main(args) == 0  # its own output it replaces
+
+
+def test_run_resume_refuses_a_users_readme_before_any_work(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(run_args(tiny_model_dir, tiny_data_dir, out, "--save-every", "1")) == 0
+    metrics = (out / "metrics.json").read_text()
+    (out / "README.md").write_text("# Notes on this run\n")
+    assert main(run_args(tiny_model_dir, tiny_data_dir, out, "--save-every", "1", "--resume")) == 2
+    assert "README.md: does not hold what doratweet writes there" in capsys.readouterr().err
+    assert (out / "README.md").read_text() == "# Notes on this run\n"
+    assert (out / "metrics.json").read_text() == metrics  # refused before evaluating anything
+
+
+def test_overwrite_removes_what_a_killed_run_leaves_half_written(tiny_run_dir, tmp_path):
+    from doratweet.run_folder import remove_previous_run
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, out)
+    (out / ".metrics.json.tmp").write_text("{")  # killed while writing metrics.json
+    half = out / "checkpoint" / ".step-00000004.tmp"  # killed while writing a checkpoint
+    half.mkdir(parents=True)
+    shutil.copy(out / "adapter" / "adapter_model.safetensors", half / "tensors.safetensors")
+    (out / ".round-1.trash").mkdir()  # killed while an earlier --overwrite removed a round
+    (out / "notes.txt").write_text("mine")
+    remove_previous_run(out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_overwrite_never_follows_a_link_out_of_the_run_folder(tiny_run_dir, tmp_path, capsys):
+    from doratweet.run_folder import remove_previous_run
+
+    elsewhere = tmp_path / "my-checkpoints"
+    shutil.copytree(tiny_run_dir / "adapter", elsewhere)
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, out)
+    shutil.rmtree(out / "adapter")
+    (out / "adapter").symlink_to(elsewhere)
+    with pytest.raises(UserError, match=r"adapter/? is not a folder"):
+        remove_previous_run(out)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]

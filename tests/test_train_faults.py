@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -67,6 +68,13 @@ elif point == "ctrl-c":  # one Ctrl-C during micro-batch `at`
     train.answer_loss = signal_on({at}, signal.SIGINT, train.answer_loss)
 elif point == "ctrl-c-twice":  # two Ctrl-C during micro-batch `at`
     train.answer_loss = signal_on({at}, signal.SIGINT, signal_on({at}, signal.SIGINT, train.answer_loss))
+elif point == "sigterm":  # SIGTERM (kill, docker stop, a SLURM time limit) during micro-batch `at`
+    train.answer_loss = signal_on({at}, signal.SIGTERM, train.answer_loss)
+elif point == "sigterm-twice":
+    train.answer_loss = signal_on({at}, signal.SIGTERM, signal_on({at}, signal.SIGTERM, train.answer_loss))
+elif point == "sigterm-before-training":  # while `run` evaluates the base model, before training starts
+    import doratweet.pipeline as pipeline
+    pipeline.timed_predictions = signal_on({at}, signal.SIGTERM, pipeline.timed_predictions)
 sys.exit(main(sys.argv[3:]))
 """
 
@@ -139,6 +147,88 @@ def test_a_second_ctrl_c_stops_at_once_with_a_checkpoint_of_the_last_whole_step(
     assert checkpoint_folders(out / "checkpoint")[0].name == "step-00000004"
     assert main(train_args(tiny_model_dir, tiny_data_dir, out, "--resume")) == 0
     assert_same_run(out, uninterrupted)
+
+
+def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_143(uninterrupted, tiny_model_dir, tiny_data_dir,
+                                                                     tmp_path):
+    out = tmp_path / "run"
+    stopped = run_dying("sigterm", 5, train_args(tiny_model_dir, tiny_data_dir, out))
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert "SIGTERM: finishing this step" in stopped.stderr and "Traceback" not in stopped.stderr
+    kept = out / "checkpoint" / "step-00000005"
+    assert stopped.stderr.splitlines()[-1] == (f"doratweet: stopped by SIGTERM; the last good checkpoint, {kept}, is "
+                                               "kept (continue from it with --resume)")
+    assert checkpoint_folders(out / "checkpoint")[0].name == "step-00000005"
+    assert main(train_args(tiny_model_dir, tiny_data_dir, out, "--resume")) == 0
+    assert_same_run(out, uninterrupted)
+
+
+def test_a_second_sigterm_stops_at_once_with_a_checkpoint_of_the_last_whole_step(
+        uninterrupted, tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    stopped = run_dying("sigterm-twice", 5, train_args(tiny_model_dir, tiny_data_dir, out))
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert checkpoint_folders(out / "checkpoint")[0].name == "step-00000004"
+    assert main(train_args(tiny_model_dir, tiny_data_dir, out, "--resume")) == 0
+    assert_same_run(out, uninterrupted)
+
+
+def test_sigterm_from_outside_like_timeout_or_docker_stop_leaves_a_checkpoint_to_resume(tiny_model_dir, tiny_data_dir,
+                                                                                        tmp_path):
+    out = tmp_path / "run"
+    args = train_args(tiny_model_dir, tiny_data_dir, out, "--log-every", "1", "--max-steps", "100000")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-m", "doratweet", *args], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "train_log.jsonl").is_file() or not (out / "train_log.jsonl").read_text().count("\n") >= 2:
+            assert process.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    saved = json.loads((checkpoint_folders(out / "checkpoint")[0] / "state.json").read_text())["progress"]["step"]
+    assert saved == max(line["step"] for line in log_without_timings(out))  # the step it was in, finished
+    assert "continue from it with --resume" in stderr.splitlines()[-1]
+
+
+def test_sigterm_before_training_starts_is_one_line_and_exits_143(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--quiet", "run", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir), "--out", str(out),
+            "--max-steps", "2", "--rank", "4", "--alpha", "8", "--batch-size", "4"]
+    stopped = run_dying("sigterm-before-training", 1, args)
+    assert stopped.returncode == 128 + signal.SIGTERM
+    assert stopped.stderr.startswith("doratweet: stopped by SIGTERM") and stopped.stderr.count("\n") == 1
+    assert not (out / "adapter").exists()
+
+
+def test_training_restores_the_signal_handlers_it_replaced(tmp_path):
+    def mine(signum, frame):
+        pass
+
+    previous = {sig: signal.signal(sig, mine) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        model, tokenizer = build_tiny_model()
+        train(model, make_prompt_format(tokenizer), TRAIN, None, TrainConfig(rank=4, alpha=8, batch_size=4,
+                                                                            max_steps=1), tmp_path, progress=False)
+        assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def test_the_command_restores_the_sigterm_handler_it_replaced(tmp_path):
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert main(["report", str(tmp_path / "nowhere")]) == 2
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_with_a_message(uninterrupted, tiny_model_dir, tiny_data_dir,

@@ -6,14 +6,17 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 from . import __version__
 from .errors import UserError
 from .prompts import DEFAULT_SYSTEM_PROMPT
-from .train import TrainConfig
+from .stopping import Terminated, sigterm_as_interrupt
+from .train import MAX_COUNT, TrainConfig
 
 TRAIN_DEFAULTS = TrainConfig()
 # Options shared by `run` and `train`: (flag, TrainConfig field, type, help).
@@ -109,6 +112,8 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    if value > MAX_COUNT:  # counts reach torch as 64-bit integers
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT}, got {value}")
     return value
 
 
@@ -133,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--test-limit", type=positive_int, default=None, help="evaluate on the first N test tweets (default: preset's)")
     run.add_argument("--generate-limit", type=positive_int, default=None,
                      help="evaluate generation on the first N of those (default: preset's)")
-    run.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder (default: off)")
+    run.add_argument("--overwrite", action="store_true", help="replace a previous run in --out: only the files "
+                    "a doratweet run wrote are removed; anything else under their names is refused (default: off)")
     run.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (default: off)")
     run.add_argument("--eval-batch-size", type=positive_int, default=32, help="tweets per evaluation batch (default: %(default)s)")
     add_precision_option(run)
@@ -146,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N tweets (default: all)")
     add_init_adapter_options(tr)
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (default: off)")
-    tr.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder (default: off)")
+    tr.add_argument("--overwrite", action="store_true", help="replace a previous run in --out: only the files "
+                    "a doratweet run wrote are removed; anything else under their names is refused (default: off)")
     tr.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base model across the processes "
                     "(FSDP) instead of copying it to each (DDP), for models that do not fit one GPU (default: off)")
     add_training_options(tr, preset_defaults=False)
@@ -239,21 +246,24 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+    # SIGTERM (kill, docker stop, SLURM) stops a command as Ctrl-C does; `serve` shuts down on it in its own way.
+    stop_on_sigterm = sigterm_as_interrupt() if args.verb != "serve" else nullcontext()
     try:
-        return VERBS[args.verb](args) or 0
+        with stop_on_sigterm:
+            return VERBS[args.verb](args) or 0
     except UserError as err:
         if args.debug:
             traceback.print_exc()
         print(f"doratweet: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as interrupt:
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (Terminated)
         if args.debug:
             traceback.print_exc()
-        # A streamed predict says what it kept (batch_predict.predict_file); a printed one writes only at the end.
-        advice = str(interrupt) or ("nothing was written" if args.verb == "predict" else
-                                    "training runs saved a checkpoint: continue with --resume")
-        print(f"doratweet: interrupted; {advice}", file=sys.stderr)
-        return 130
+        how = "stopped by SIGTERM" if isinstance(interrupt, Terminated) else "interrupted"
+        # Training says which checkpoint it kept, a streamed predict what it kept; a printed predict writes at the end.
+        kept = str(interrupt) or ("nothing was written" if args.verb == "predict" else "")
+        print(f"doratweet: {how}" + (f"; {kept}" if kept else ""), file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
     except Exception as err:  # a bug, or the system (disk full, out of memory): one line unless --debug
         if args.debug:
             raise

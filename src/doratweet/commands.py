@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import LABELS, distributed
 from .adapters import load_adapter, merge_adapters, read_adapter_config, target_module_names
+from .adapters.inject import check_rank_fits
 from .data import load_data, load_split
 from .errors import UserError
 from .files import write_atomically
@@ -34,6 +35,7 @@ from .predict import (
     read_prediction_input,
 )
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
+from .run_folder import is_json_object, is_label_ids, refuse_to_replace
 from .train import TrainConfig, train
 
 log = logging.getLogger("doratweet")
@@ -57,6 +59,8 @@ def train_command(args, config: TrainConfig, data_options: dict) -> dict:
                                trust_remote_code=args.trust_remote_code)
     config.extra = {"system_prompt": args.system_prompt, "model_spec": model_spec, "labels": list(LABELS)}
     target_module_names(base.model, config.targets)
+    if not init_folder:  # an --init-adapter brings its own rank
+        check_rank_fits(base.model, config.targets, config.rank)
     if init_folder:
         start_from_adapter(base.model, init_folder, config, args.train_skip)
     fmt = make_prompt_format(base.tokenizer, args.system_prompt)
@@ -71,6 +75,10 @@ def train_command(args, config: TrainConfig, data_options: dict) -> dict:
 
 
 def evaluate_command(args, data_options: dict, bf16: bool | None) -> dict:
+    if args.out:  # replaced at the end: refuse now a file evaluate did not write there
+        out = Path(args.out)
+        refuse_to_replace(out, lambda p: is_json_object(p, "mode", "macro_f1", "n"), "evaluate's metrics")
+        refuse_to_replace(out.with_suffix(".predictions.txt"), is_label_ids, "evaluate's predictions")
     split = load_split(args.data, args.split, **data_options).head(args.limit)
     system_prompt = args.system_prompt
     if args.adapter:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from datetime import date
@@ -23,6 +22,7 @@ import torch
 
 from . import LABELS, __version__, distributed
 from .adapters import load_adapter, read_adapter_config, target_module_names
+from .adapters.inject import check_rank_fits
 from .checkpoints import checkpoint_folders
 from .data import Split, load_data, resolve_data_spec
 from .errors import UserError
@@ -30,6 +30,7 @@ from .evaluate import Predictions, classification_metrics, predict
 from .models import EMBEDDED_NAME, load_base_model
 from .hardware import inference_model
 from .predict import adapter_folder, base_model_spec
+from .run_folder import CARD_FILE, is_own_card, previous_run_entries, refuse_to_replace, remove_previous_run
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
 from .train import ADAPTER_DIR, CHECKPOINT_DIR, TrainConfig, load_trained_adapter, train
 
@@ -143,6 +144,8 @@ def check_out_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:
                         "--out at the run (checkpoints are written every --save-every steps and on Ctrl-C)")
     if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume):
         raise UserError(f"--out {out_dir}: the folder exists and is not empty; pass --overwrite or choose another")
+    if overwrite:
+        previous_run_entries(out_dir)  # refuses, naming it, anything under a run's names that no run wrote
 
 
 # The options that fix an adapter's shape; an --init-adapter brings its own.
@@ -212,12 +215,12 @@ def train_in_rounds(model, fmt, rounds: list[tuple[Round, int, Split]], validati
 
 
 def start_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Create --out once the inputs are known to be good, so a bad input leaves no half-made folder behind."""
+    """Create --out once the inputs are known to be good, so a bad input leaves no half-made folder behind.
+    --overwrite removes the previous run's files (only those: see run_folder.py), so that none of them passes for
+    this run's: an old checkpoint or round a later --resume would pick up, an old card beside a new adapter."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:  # an old run's checkpoints and rounds would otherwise be taken for this run's by a later --resume
-        shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
-        for round_folder in out_dir.glob("round-*"):
-            shutil.rmtree(round_folder, ignore_errors=True)
+    if overwrite:
+        remove_previous_run(out_dir)
 
 
 def write_json(path: Path, value) -> None:
@@ -281,6 +284,8 @@ def run_pipeline(
     config.extra = {"system_prompt": system_prompt, "model_spec": model_spec, "labels": list(LABELS)}
     if main:
         check_out_dir(out_dir, overwrite, resume)
+        if resume:  # the card is written at the very end: a README.md that is not one is refused now
+            refuse_to_replace(out_dir / CARD_FILE, is_own_card, "the model card")
 
     splits = load_data(data_spec, **(data_options or {}))
     for needed in ("train", "test"):
@@ -303,7 +308,10 @@ def run_pipeline(
     with distributed.main_process_first():
         base = load_base_model(model_spec, device=device, trust_remote_code=trust_remote_code)
     fmt = make_prompt_format(base.tokenizer, system_prompt)
-    target_module_names(base.model, config.targets)  # an unknown --targets fails now, not after the evaluation
+    # An unknown --targets, or a --rank the layers cannot take, fails now, not after the evaluation
+    target_module_names(base.model, config.targets)
+    if not init_folder:  # an --init-adapter brings its own rank
+        check_rank_fits(base.model, config.targets, config.rank)
     examples_split = splits["train"].head(5)
 
     if main:

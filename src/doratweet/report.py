@@ -24,6 +24,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from . import LABELS
 from .errors import UserError
 from .files import write_atomically
+from .run_folder import is_own_card, refuse_to_replace
 
 METRICS_FILE = "metrics.json"
 LOG_FILE = "train_log.jsonl"
@@ -744,7 +745,8 @@ def write_report(run_dir: str | Path) -> Path:
     metrics = load_metrics(run_dir)
     log = load_train_log(run_dir)
     adapter_config = load_adapter_config(run_dir)
-    plots = write_plots(run_dir, metrics, log)
     readme = run_dir / README_FILE
+    refuse_to_replace(readme, is_own_card, "the model card")
+    plots = write_plots(run_dir, metrics, log)
     write_atomically(readme, render_model_card(metrics, adapter_config, plots, run_dir).encode("utf-8"))
     return readme

@@ -12,9 +12,6 @@ import json
 import math
 import os
 import random
-import signal
-import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .adapters import DEFAULT_TARGETS, add_adapters, adapter_parameters, get_adapter_config, save_adapter
-from .adapters.inject import adapter_state_dict
+from .adapters.inject import adapter_state_dict, check_rank_fits
 from .checkpoints import (
     checkpoint_folders,
     load_latest_checkpoint,
@@ -47,10 +44,19 @@ from .evaluate import (
     split_model,
 )
 from .prompts import IGNORE_INDEX, PromptFormat, training_example
+from .stopping import StopRequests
 
 CHECKPOINT_DIR = "checkpoint"
 ADAPTER_DIR = "adapter"
 LOG_FILE = "train_log.jsonl"
+
+
+MAX_COUNT = 2**63 - 1  # the largest 64-bit integer: what torch takes as a number
+# torch.manual_seed takes 0..2**64-1 (a negative seed repeats a positive one's state); under torchrun rank r seeds
+# with seed + 1_000_003 * r, which stays in range from any seed up to 2**63 - 1.
+MAX_SEED = 2**63 - 1
+COUNT_FIELDS = ("rank", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_limit", "save_every",
+                "log_every", "eval_batch_size")
 
 
 @dataclass
@@ -101,7 +107,11 @@ class TrainConfig:
             ("eval_limit", self.eval_limit is None or self.eval_limit >= 1, "must be 1 or more"),
             ("save_every", self.save_every >= 0, "must be 0 (only on Ctrl-C) or more"),
             ("log_every", self.log_every >= 1, "must be 1 or more"),
+            ("seed", 0 <= self.seed <= MAX_SEED, f"must be a whole number from 0 to {MAX_SEED}"),
         ]
+        # Counts go into torch as 64-bit integers (a larger one raised OverflowError mid-run).
+        checks += [(name, getattr(self, name) is None or getattr(self, name) <= MAX_COUNT,
+                    f"must be at most {MAX_COUNT}") for name in COUNT_FIELDS]
         for name, ok, fix in checks:
             if not ok:
                 value = getattr(self, name)
@@ -247,11 +257,12 @@ def train(
     rank 0 alone writes out_dir, and, with FSDP, the model stays sharded across the ranks afterwards."""
     out_dir = Path(out_dir)
     parallel, world, main = distributed.active(), distributed.world_size(), distributed.is_main_process()
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     if get_adapter_config(model) is None:
+        check_rank_fits(model, config.targets, config.rank)
         add_adapters(model, config.method, config.rank, config.alpha, config.dropout, config.targets, config.use_rslora)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     get_adapter_config(model).extra = {**get_adapter_config(model).extra, **config.extra}
     device = adapter_parameters(model)[0].device
     use_bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
@@ -362,7 +373,7 @@ def train(
     updating = False  # True while the weights, optimizer and schedule are between two steps' states
     stopping_together = False  # every rank agreed to stop after this step (Ctrl-C on any of them)
     try:
-        with _CtrlC() as ctrl_c:
+        with StopRequests() as stop_requests:
             while state.step < total_steps:
                 optimizer.zero_grad(set_to_none=True)
                 step_losses = []
@@ -402,16 +413,17 @@ def train(
                     save()
                 if on_step is not None:
                     on_step(state.step)
-                if distributed.any_process(ctrl_c.pressed):
+                if distributed.any_process(stop_requests.pressed):
                     stopping_together = True
-                    raise KeyboardInterrupt
+                    stop_requests.stop()
         evaluate_and_keep_best()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (stopping.Terminated)
         # Between steps the weights, optimizer and schedule agree: safe to resume from. Several ranks save only
         # when they stopped together (saving is collective); a second Ctrl-C there stops without saving.
         if not updating and (not parallel or stopping_together):
             save()
-        raise
+        # The CLI's last line says what is kept; rank 0 alone is sure to see the run folder.
+        raise type(stop)(_last_checkpoint_note(checkpoint) if main else "") from stop
     finally:
         bar.close()
         if log_file is not None:
@@ -456,29 +468,6 @@ def _load_adapter_weights(model, adapter_dir: Path) -> None:
     with distributed.whole_adapter(model), torch.no_grad():
         for key, tensor in adapter_state_dict(model).items():
             tensor.copy_(saved[key])
-
-
-class _CtrlC:
-    """The first Ctrl-C lets the current step finish (so the checkpoint is exact), the second stops at once."""
-
-    def __init__(self):
-        self.pressed = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.pressed:
-            raise KeyboardInterrupt
-        self.pressed = True
-        print("\ndoratweet: finishing this step, then saving a checkpoint (Ctrl-C again to stop now)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def _resume_relevant(config: TrainConfig) -> dict:

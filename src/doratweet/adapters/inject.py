@@ -279,23 +279,52 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
+def _adaptable_linears(model: nn.Module) -> list[str]:
+    """Full names of the linears an adapter may wrap. Never the output head: in small models it is the input
+    embedding matrix itself (tied), so adapting it would also change the embeddings, and a merge would fold the
+    head's update into them; PEFT does not target it by default either."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+
+
 def target_module_names(model: nn.Module, targets) -> list[str]:
-    """Full names of the linears `targets` selects; a one-line error lists the model's linears when one is unknown."""
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Full names of the linears `targets` selects; a one-line error lists the model's adaptable linears when one
+    is unknown, or is a module that cannot be adapted (the output head, an embedding, an activation)."""
+    linears = _adaptable_linears(model)
     leaf_names = sorted({name.rsplit(".", 1)[-1] for name in linears})
+    listing = f"this model's linear modules are: {', '.join(leaf_names) or '(none an adapter can wrap)'}"
     if isinstance(targets, str):
         names = [n for n in linears if re.fullmatch(targets, n)]
         if not names:
-            raise UserError(f"--targets {targets!r} matches no linear module; the model has: {', '.join(leaf_names)}")
+            raise UserError(f"--targets {targets!r} matches no linear module; {listing}")
         return names
+    if not targets:
+        raise UserError(f"--targets: unknown module name(s) (none given); {listing}")
     unknown = [t for t in targets if t not in leaf_names]
-    if unknown or not targets:
-        raise UserError(
-            f"--targets: unknown module name(s) {', '.join(unknown) or '(none given)'}; "
-            f"this model's linear modules are: {', '.join(leaf_names)}"
-        )
-    # Never wrap the output head: it is tied to the embeddings in small models and is not a PEFT target.
-    return [n for n in linears if n.rsplit(".", 1)[-1] in targets and n != "lm_head"]
+    other_modules = {name.rsplit(".", 1)[-1]: m for name, m in model.named_modules() if name}
+    for target in unknown:
+        if target in other_modules and other_modules[target] is model.get_output_embeddings():
+            raise UserError(f"--targets {target}: the output head cannot be adapted (it shares its weights with the "
+                            f"input embeddings in small models); {listing}")
+        if target in other_modules:
+            kind = type(other_modules[target]).__name__
+            raise UserError(f"--targets {target}: is a{'n' if kind[0] in 'AEIOU' else ''} {kind}, not a linear "
+                            f"layer, and only linear layers take adapters; {listing}")
+    if unknown:
+        raise UserError(f"--targets: unknown module name(s) {', '.join(unknown)}; {listing}")
+    return [n for n in linears if n.rsplit(".", 1)[-1] in targets]
+
+
+def check_rank_fits(model: nn.Module, targets, rank: int) -> None:
+    """Refuse a rank above what the adapted layers allow: a rank-r update of an n-by-m weight has rank at most
+    min(n, m), so a larger r only adds memory (`--rank 100000` asked for 40 GB)."""
+    layers = {name: model.get_submodule(name) for name in target_module_names(model, targets)}
+    name, narrowest = min(layers.items(), key=lambda item: min(item[1].in_features, item[1].out_features))
+    largest = min(narrowest.in_features, narrowest.out_features)
+    if rank > largest:
+        raise UserError(f"--rank {rank}: larger than the adapted layers allow (at most {largest}: "
+                        f"{name.rsplit('.', 1)[-1]} maps {narrowest.in_features} features to "
+                        f"{narrowest.out_features}); choose {largest} or less")
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -1,0 +1,218 @@
+"""What a doratweet run writes in its --out folder, and how to tell it from a user's files there.
+
+`--overwrite` may replace only what a doratweet run wrote. A run's files have fixed names, and each is recognised
+by its content as well as its name: a checkpoint folder `step-NNNNNNNN` holds only `state.json` and a safetensors
+file, the adapter's config carries doratweet's own section, the model card's front matter is tagged `doratweet`,
+plots are PNGs, predictions are label ids, and so on. An entry under one of those names that does not look like
+that (a user's README.md, `checkpoint/thesis.tex`, an empty `round-1/`) is refused in one line naming it, before
+anything is loaded or written. Entries under other names are never touched.
+
+Only names and the first bytes of most files are read, so checking a large run folder costs next to nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError
+
+PREDICTION_FILES = ("test_before.txt", "test_after.txt")
+PLOT_FILES = ("training_curves.png", "confusion_before.png", "confusion_after.png", "per_class_f1.png")
+CARD_FILE = "README.md"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TRASH = ".trash"  # suffix of an entry renamed for removal
+
+
+class _Foreign(Exception):
+    """An entry under a doratweet name that doratweet did not write."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(path, why)
+        self.path, self.why = path, why
+
+
+# --- what doratweet's files look like -------------------------------------------------------------------------
+
+def _anything(path: Path) -> bool:
+    return True
+
+
+def is_json_object(path: Path, *keys: str) -> bool:
+    try:
+        value = json.loads(path.read_bytes())
+    except (ValueError, OSError):
+        return False
+    return isinstance(value, dict) and all(key in value for key in keys)
+
+
+def _safetensors(path: Path) -> bool:
+    """A safetensors file starts with the 8-byte length of its JSON header, then the header's `{`."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _png(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE
+
+
+def is_label_ids(path: Path) -> bool:
+    return all(re.fullmatch(rb"-?\d", line) for line in path.read_bytes().splitlines())
+
+
+def _train_log(path: Path) -> bool:
+    with open(path, "rb") as f:
+        first = f.readline()
+    if not first:
+        return True
+    try:
+        line = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(line, dict) and "step" in line
+
+
+def is_own_card(path: Path) -> bool:
+    """A model card `doratweet report` wrote: YAML front matter whose tags include `doratweet`."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if not text.startswith("---\n") or "\n---" not in text[3:]:
+        return False
+    try:
+        front = yaml.safe_load(text[4:].split("\n---", 1)[0])
+    except yaml.YAMLError:
+        return False
+    return isinstance(front, dict) and isinstance(front.get("tags"), list) and "doratweet" in front["tags"]
+
+
+# --- the layout of a run folder ---------------------------------------------------------------------------------
+
+Check = Callable[[Path], None]
+
+
+def _file(recognised: Callable[[Path], bool] = _anything) -> Check:
+    def check(path: Path) -> None:
+        if path.is_symlink() or not path.is_file():
+            raise _Foreign(path, "is not a plain file")
+        if not recognised(path):
+            raise _Foreign(path, "does not hold what doratweet writes there")
+    return check
+
+
+class _Layout:
+    """The entries doratweet writes in one folder: exact names, and patterns (checkpoint steps, rounds)."""
+
+    def __init__(self, names: dict[str, Check], patterns: dict[str, Check] | None = None):
+        self.names, self.patterns = names, patterns or {}
+
+    def check_for(self, name: str) -> Check | None:
+        if name in self.names:
+            return self.names[name]
+        for pattern, check in self.patterns.items():
+            if re.fullmatch(pattern, name):
+                return check
+        if any(name == f".{own}.tmp" or (name.startswith(f".{own}.") and name.endswith(".tmp")) for own in self.names):
+            return _file()  # `.NAME.tmp` / `.NAME.<random>.tmp`: an atomic write of NAME cut short
+        return None
+
+    def check_entry(self, entry: Path) -> None:
+        check = self.check_for(entry.name)
+        if check is None:
+            raise _Foreign(entry, "is not a file doratweet writes there")
+        check(entry)
+
+
+def _folder(layout: _Layout) -> Check:
+    """A folder doratweet made: a real folder, not empty, every entry in `layout` and recognised."""
+    def check(path: Path) -> None:
+        if path.is_symlink() or not path.is_dir():
+            raise _Foreign(path, "is not a folder")
+        entries = sorted(path.iterdir())
+        if not entries:
+            raise _Foreign(path, "is an empty folder")
+        for entry in entries:
+            layout.check_entry(entry)
+    return check
+
+
+_CHECKPOINT_STEP = _folder(_Layout({"state.json": _file(),  # even a damaged state.json is the checkpoint's own
+                                    "tensors.safetensors": _file(_safetensors)}))
+TRAINING_LAYOUT = _Layout({  # what `doratweet train` writes, and each round of `doratweet run`
+    "adapter": _folder(_Layout({"adapter_config.json": _file(lambda p: is_json_object(p, "peft_type", "doratweet")),
+                                "adapter_model.safetensors": _file(_safetensors)})),
+    "checkpoint": _folder(_Layout({}, {r"step-\d{8}": _CHECKPOINT_STEP,
+                                       r"\.step-\d{8}\.(tmp|trash)": _CHECKPOINT_STEP})),
+    "train_log.jsonl": _file(_train_log),
+    "train_summary.json": _file(lambda p: is_json_object(p, "steps")),
+})
+RUN_LAYOUT = _Layout({  # what `doratweet run` writes on top
+    **TRAINING_LAYOUT.names,
+    "metrics.json": _file(lambda p: is_json_object(p, "results", "training")),
+    CARD_FILE: _file(is_own_card),
+    "predictions": _folder(_Layout({name: _file(is_label_ids) for name in PREDICTION_FILES})),
+    "plots": _folder(_Layout({name: _file(_png) for name in PLOT_FILES})),
+}, {r"round-\d+": _folder(TRAINING_LAYOUT)})
+
+
+def _removal_leftover(name: str) -> bool:
+    """`.NAME.trash`: an entry of a previous run renamed for removal, when that removal was cut short."""
+    return name.startswith(".") and name.endswith(_TRASH) and RUN_LAYOUT.check_for(name[1 : -len(_TRASH)]) is not None
+
+
+def previous_run_entries(out_dir: Path) -> list[Path]:
+    """The entries of `out_dir` that a previous doratweet run wrote, for --overwrite to remove. An entry under a
+    run's name that doratweet did not write is refused in one line naming it; other names are left out."""
+    if not out_dir.is_dir():
+        return []
+    found = []
+    for entry in sorted(out_dir.iterdir()):
+        if _removal_leftover(entry.name):
+            found.append(entry)
+            continue
+        check = RUN_LAYOUT.check_for(entry.name)
+        if check is None:
+            continue
+        try:
+            check(entry)
+        except _Foreign as foreign:
+            shown = foreign.path.relative_to(out_dir).as_posix() + ("/" if foreign.path.is_dir() else "")
+            raise UserError(f"--out {out_dir}: {shown} {foreign.why}, and --overwrite replaces only what a doratweet "
+                            f"run wrote; move {shown} out of --out, or choose another --out") from None
+        found.append(entry)
+    return found
+
+
+def remove_previous_run(out_dir: Path) -> None:
+    """--overwrite: remove what a previous run wrote in `out_dir` (see `previous_run_entries`), so that nothing of
+    it (an old checkpoint a later --resume would pick up, an old card or metrics) passes for this run's."""
+    for entry in previous_run_entries(out_dir):
+        if entry.is_dir() and not entry.is_symlink():
+            # Renamed first: a removal cut short leaves `.NAME.trash`, which no run reads and the next removes.
+            trash = entry if entry.name.endswith(_TRASH) else entry.with_name(f".{entry.name}{_TRASH}")
+            if trash != entry:
+                shutil.rmtree(trash, ignore_errors=True)
+                os.replace(entry, trash)
+            shutil.rmtree(trash)
+        else:
+            entry.unlink()
+
+
+def refuse_to_replace(path: Path, recognised: Callable[[Path], bool], what: str) -> None:
+    """Before writing `path`: refuse in one line when a file is there that doratweet did not write."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    try:
+        _file(recognised)(path)
+    except _Foreign as foreign:
+        raise UserError(f"{path}: {foreign.why} ({what} goes there), and doratweet replaces only what it wrote; "
+                        "move it away, then run this again") from None
