@@ -429,3 +429,35 @@ def test_a_failed_save_keeps_the_previous_adapter_whole(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         save_adapter(model, tmp_path / "a")
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before  # no temp file, nothing changed
+
+
+def test_without_the_norm_cache_the_norm_follows_a_write_that_moves_no_version_counter():
+    """FSDP writes gathered weights into storage through other tensors, so neither the parameters' version
+    counters nor (when memory is reused) their addresses change; a sharded model turns the cache off."""
+    layer = DoRALinear(nn.Linear(8, 6, dtype=F64), rank=2, alpha=4)
+    randomise_adapters(layer)
+    before = layer.weight_norm().clone()
+    alias = torch.empty(0, dtype=F64).set_(layer.lora_B.untyped_storage(), 0, layer.lora_B.shape)
+    version, address = layer.lora_B._version, layer.lora_B.data_ptr()
+    alias.add_(1.0)  # as FSDP's all-gather writes: through another tensor over the same storage
+    assert (layer.lora_B._version, layer.lora_B.data_ptr()) == (version, address)
+    assert torch.equal(layer.weight_norm(), before)  # the cache cannot see it...
+    layer.cache_norm = False
+    dense = (layer.base.weight + layer.scaling * layer.lora_B @ layer.lora_A).norm(dim=1)
+    assert max_rel_diff(layer.weight_norm(), dense) <= EXACT and not torch.equal(dense, before)  # ...this can
+
+
+def test_sharding_a_model_with_fsdp_turns_the_norm_cache_off(tmp_path):
+    import torch.distributed as dist
+
+    from doratweet.distributed import shard_decoder_layers
+
+    model, _ = build_tiny_model()
+    add_adapters(model, method="dora", rank=4, alpha=8)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        shard_decoder_layers(model, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    layers = [m for m in model.modules() if isinstance(m, DoRALinear)]
+    assert layers and not any(m.cache_norm for m in layers)

@@ -182,8 +182,13 @@ def shard_decoder_layers(model: nn.Module, device: torch.device) -> None:
     decoder = model.get_decoder()
     layers = [m for m in decoder.modules() if type(m).__name__ in layer_classes]
     assert layers, f"no decoder layers ({', '.join(layer_classes) or 'no _no_split_modules'}) in {type(model).__name__}"
+    from .adapters import DoRALinear
+
     for layer in layers:
         fully_shard(layer, mesh=mesh)
+    for module in model.modules():
+        if isinstance(module, DoRALinear):  # its cached norm cannot see FSDP's re-gathered weights change
+            module.cache_norm = False
     whole = set(model.get_input_embeddings().parameters()) | set(model.get_output_embeddings().parameters())
     fully_shard(decoder, mesh=mesh, ignored_params=whole)
 

@@ -29,13 +29,19 @@ class DoRALinear(LowRankAdapter):
         self.magnitude = nn.Parameter(weight_sq.sqrt())
         self._norm: torch.Tensor | None = None
         self._norm_key: tuple | None = None
+        self.cache_norm = True  # FSDP turns it off, see weight_norm
 
     def weight_norm(self) -> torch.Tensor:
         """||W + s B A|| per output row, fp32, detached; recomputed only after A, B or W change.
 
         Tensor version counters move on every in-place update (optimizer steps, load_state_dict), so the
-        cached norm is reused across gradient accumulation, activation recomputation and evaluation.
+        cached norm is reused across gradient accumulation, activation recomputation and evaluation. FSDP
+        instead gathers A, B and W into new storage before every forward without moving their version counters,
+        so only their addresses would tell a change, and an address can come back after an update: a sharded
+        model sets `cache_norm = False` (`distributed.shard_decoder_layers`) and the norm is computed each time.
         """
+        if not self.cache_norm:
+            return self._compute_weight_norm()
         key = tuple((p._version, p.data_ptr()) for p in (self.lora_A, self.lora_B, self.base.weight))
         if key != self._norm_key:
             if self._norm_key is None or key[2] != self._norm_key[2]:  # W itself changed (loaded, moved)
