@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
+from machine import describe, machine
 
 from doratweet.adapters import DEFAULT_TARGETS, add_adapters, adapter_parameters
 
@@ -115,8 +115,9 @@ def main() -> None:
             "peft_dora_over_peft_lora": round(results["peft-dora"]["ms"] / results["peft-lora"]["ms"], 3),
         })
 
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()}-thread CPU ({platform.processor() or platform.machine()})"
-    report = {"device": device_name, "date": date.today().isoformat(), "torch": torch.__version__,
+    facts = machine()
+    device_name = describe(facts)
+    report = {"device": device_name, "machine": facts, "date": date.today().isoformat(), "torch": torch.__version__,
               "precision": "bf16 weights + autocast" if use_bf16 else "fp32", "steps": steps, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe, machine
 
 from doratweet.adapters import DEFAULT_TARGETS, add_adapters, adapter_parameters
 from doratweet.data import load_data
@@ -122,8 +123,8 @@ def main() -> None:
         ids, targets, mask = right_pad([examples[i] for i in batch], pad, device)
         return theirs(input_ids=ids, attention_mask=mask, labels=targets).loss, int(mask.sum())
 
-    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()}-thread CPU",
-              "date": date.today().isoformat(), "train_tweets": len(train_split), "test_tweets": len(test),
+    facts = machine()
+    report = {"device": describe(facts), "machine": facts, "date": date.today().isoformat(), "train_tweets": len(train_split), "test_tweets": len(test),
               "batch_size": batch_size, "lr": args.lr}
     prompts = fmt.prompt_ids(test.texts)
     for name, model, step, params in (

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe, machine
 
 from doratweet.data import load_split
 from doratweet.evaluate import score_labels, split_model
@@ -121,7 +122,7 @@ def main() -> None:
     rate = matmul_rate(shapes, rows=tokens // batches, dtype=dtype)
     total_seconds = n / tweets_per_s
     report = {
-        "date": date.today().isoformat(), "device": str(device), "threads": torch.get_num_threads(),
+        "date": date.today().isoformat(), "device": str(device), "machine": machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "tweets": n, "batch_size": args.batch_size, "dtype": str(dtype),
         "tweets_per_s": round(tweets_per_s, 1), "tokens_fed_per_tweet": round(tokens / n, 1),
         "seconds": {"total": round(total_seconds, 2), "body": round(body_seconds, 2), "head": round(head_seconds, 2),
@@ -163,7 +164,7 @@ def main() -> None:
         report["compile_seconds"] = round(time.perf_counter() - start, 1)
         variant("torch.compile (inductor, dynamic)", score)
 
-    print(f"{n} test tweets, batch {args.batch_size}, {dtype}, {torch.get_num_threads()} threads, {device}")
+    print(f"{n} test tweets, batch {args.batch_size}, {dtype}, {device}; {describe(report['machine'])}")
     print("| what | value |\n| --- | --- |")
     for key in ("tweets_per_s", "tokens_fed_per_tweet", "body_gflops_per_s", "linear_alone_gflops_per_s",
                 "matmul_bound_tweets_per_s"):

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import platform
+from machine import describe, machine
 import socket
 import statistics
 import sys
@@ -136,8 +137,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                "command": " ".join(sys.argv), "adapter": str(adapter),
-                               "base_model_id": classifier.base_model_id, "machine": platform.platform(),
-                               "cpus": __import__("os").cpu_count(), "seconds_per_cell": args.seconds,
+                               "base_model_id": classifier.base_model_id, "platform": platform.platform(),
+                               "machine": machine(), "seconds_per_cell": args.seconds,
                                "max_wait_ms": args.max_wait_ms, "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {out}", file=sys.stderr)
     return 0 if all(r["nothing_lost"] for r in rows) else 1

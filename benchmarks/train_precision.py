@@ -20,6 +20,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from machine import describe, machine
 
 PRECISIONS = ("fp32", "bf16 autocast", "bf16 weights + autocast")
 
@@ -92,15 +93,16 @@ def main() -> None:
                                capture_output=True, text=True, check=True)
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
     fp32 = rows[0]["s_per_step"]
-    print(f"embedded SmolLM2-135M, DoRA r=16 on all 7 linears, batch {args.batch_size}, {torch.get_num_threads()} "
-          f"threads, mean of steps 3-{args.steps}\n")
+    facts = machine()
+    print(f"embedded SmolLM2-135M, DoRA r=16 on all 7 linears, batch {args.batch_size}, mean of steps 3-{args.steps}; "
+          f"{describe(facts)}\n")
     print("| precision | s/step | vs fp32 | losses |\n| --- | --- | --- | --- |")
     for row in rows:
         row["vs_fp32"] = round(row["s_per_step"] / fp32, 2)
         print(f"| {row['precision']} | {row['s_per_step']} | {row['vs_fp32']}x | {row['losses']} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": date.today().isoformat(), "threads": torch.get_num_threads(),
+    out.write_text(json.dumps({"date": date.today().isoformat(), "machine": facts, "threads": torch.get_num_threads(),
                                "batch_size": args.batch_size, "steps": args.steps, "rows": rows}, indent=2) + "\n")
     print(f"\nJSON in {out}")
 
