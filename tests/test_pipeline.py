@@ -238,3 +238,19 @@ def test_overwrite_never_follows_a_link_out_of_the_run_folder(tiny_run_dir, tmp_
     with pytest.raises(UserError, match=r"adapter/? is not a folder"):
         remove_previous_run(out)
     assert sorted(p.name for p in elsewhere.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_resume_refuses_a_folder_of_the_run_that_is_a_link_before_writing(tiny_run_dir, tmp_path):
+    from doratweet.pipeline import check_out_dir
+
+    elsewhere = tmp_path / "my-plots"
+    elsewhere.mkdir()
+    (elsewhere / "training_curves.png").write_text("my drawing")
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, out)
+    (out / "checkpoint" / "step-00000002").mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "plots")
+    (out / "plots").symlink_to(elsewhere)
+    with pytest.raises(UserError, match=r"plots: is a link .*never writes through a link"):
+        check_out_dir(out, overwrite=False, resume=True)
+    assert (elsewhere / "training_curves.png").read_text() == "my drawing"

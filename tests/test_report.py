@@ -447,3 +447,40 @@ def test_a_card_from_a_local_model_folder_has_no_base_model_and_no_local_path(tm
 
 def test_a_card_from_a_hub_model_names_it_as_base_model(card):
     assert yaml.safe_load(card.split("---")[1])["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_report_never_writes_through_a_plots_folder_that_is_a_link(run_dir, tmp_path):
+    elsewhere = tmp_path / "my-plots"
+    elsewhere.mkdir()
+    (elsewhere / "training_curves.png").write_text("my drawing")
+    (run_dir / "plots").symlink_to(elsewhere)
+    with pytest.raises(UserError, match=r"plots: is a link .*never writes through a link"):
+        write_report(run_dir)
+    assert (elsewhere / "training_curves.png").read_text() == "my drawing"
+    assert not (run_dir / "README.md").exists()
+
+
+def test_report_refuses_a_readme_that_is_a_link(run_dir, tmp_path):
+    elsewhere = tmp_path / "notes.md"
+    elsewhere.write_text("---\ntags: [doratweet]\n---\nmine\n")
+    (run_dir / "README.md").symlink_to(elsewhere)
+    with pytest.raises(UserError, match=r"README.md: is a link"):
+        write_report(run_dir)
+    assert elsewhere.read_text() == "---\ntags: [doratweet]\n---\nmine\n"
+
+
+def test_report_replaces_a_plot_only_when_it_is_a_png(run_dir):
+    (run_dir / "plots").mkdir()
+    (run_dir / "plots" / "per_class_f1.png").write_text("my notes")
+    with pytest.raises(UserError, match=r"per_class_f1.png: does not hold what doratweet writes there"):
+        write_report(run_dir)
+    assert (run_dir / "plots" / "per_class_f1.png").read_text() == "my notes"
+    assert not (run_dir / "plots" / "training_curves.png").exists()
+
+
+def test_report_refuses_a_metrics_json_that_links_out_of_the_run_folder(run_dir, tmp_path):
+    outside = tmp_path / "metrics-elsewhere.json"
+    (run_dir / "metrics.json").rename(outside)
+    (run_dir / "metrics.json").symlink_to(outside)
+    with pytest.raises(UserError, match=r"metrics.json: a link to .*outside the run folder"):
+        write_report(run_dir)

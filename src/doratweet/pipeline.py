@@ -30,7 +30,17 @@ from .evaluate import Predictions, classification_metrics, predict
 from .models import EMBEDDED_NAME, load_base_model
 from .hardware import inference_model
 from .predict import adapter_folder, base_model_spec
-from .run_folder import CARD_FILE, is_own_card, previous_run_entries, refuse_to_replace, remove_previous_run
+from .run_folder import (
+    CARD_FILE,
+    RUN_LAYOUT,
+    TRAINING_LAYOUT,
+    is_own_card,
+    previous_run_entries,
+    refuse_foreign_plots,
+    refuse_links,
+    refuse_to_replace,
+    remove_previous_run,
+)
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
 from .train import ADAPTER_DIR, CHECKPOINT_DIR, TrainConfig, load_trained_adapter, train
 
@@ -144,6 +154,11 @@ def check_out_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:
                         "--out at the run (checkpoints are written every --save-every steps and on Ctrl-C)")
     if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume):
         raise UserError(f"--out {out_dir}: the folder exists and is not empty; pass --overwrite or choose another")
+    if resume:  # a resumed run writes into the folder as it is: never through a link out of it
+        refuse_links(out_dir, [*RUN_LAYOUT.names, *(path.name for path in out_dir.glob("round-*"))])
+        for folder in out_dir.glob("round-*"):
+            refuse_links(folder, TRAINING_LAYOUT.names)
+        refuse_foreign_plots(out_dir)
     if overwrite:
         previous_run_entries(out_dir)  # refuses, naming it, anything under a run's names that no run wrote
 

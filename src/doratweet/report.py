@@ -24,7 +24,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from . import LABELS
 from .errors import UserError
 from .files import write_atomically
-from .run_folder import is_own_card, refuse_to_replace
+from .run_folder import is_own_card, refuse_foreign_plots, refuse_links, refuse_to_replace
 
 METRICS_FILE = "metrics.json"
 LOG_FILE = "train_log.jsonl"
@@ -275,7 +275,7 @@ def load_metrics(run_dir: str | Path) -> dict:
     null fields left out). The one reader of that file: `report` and `serve` both use it."""
     path = Path(run_dir) / METRICS_FILE
     rewrite = "run `doratweet run` again to rewrite it"
-    if not path.is_file():
+    if file_inside(run_dir, METRICS_FILE) is None:  # a link out of the run folder is refused there, naming it
         raise UserError(f"{path}: no such file; run `doratweet run` first, then report on its run folder")
     metrics = _read_json(path, rewrite)
     if not isinstance(metrics, dict):
@@ -746,7 +746,9 @@ def write_report(run_dir: str | Path) -> Path:
     log = load_train_log(run_dir)
     adapter_config = load_adapter_config(run_dir)
     readme = run_dir / README_FILE
+    refuse_links(run_dir, [README_FILE, PLOTS_DIR])
     refuse_to_replace(readme, is_own_card, "the model card")
+    refuse_foreign_plots(run_dir)
     plots = write_plots(run_dir, metrics, log)
     write_atomically(readme, render_model_card(metrics, adapter_config, plots, run_dir).encode("utf-8"))
     return readme

@@ -207,6 +207,22 @@ def remove_previous_run(out_dir: Path) -> None:
             entry.unlink()
 
 
+def refuse_links(folder: Path, names) -> None:
+    """Before writing into `folder`: refuse an entry among `names` that is a link. Writing through it would replace
+    files wherever it points, outside the run folder included."""
+    for name in names:
+        path = Path(folder) / name
+        if path.is_symlink():
+            raise UserError(f"{path}: is a link (to {os.readlink(path)}), and doratweet never writes through a link; "
+                            "replace it with a real file or folder, or remove it")
+
+
+def refuse_foreign_plots(run_dir: Path) -> None:
+    """Before drawing the plots: refuse a file under a plot's name that is not a PNG (or is a link)."""
+    for name in PLOT_FILES:
+        refuse_to_replace(Path(run_dir) / "plots" / name, _png, "a doratweet plot")
+
+
 def refuse_to_replace(path: Path, recognised: Callable[[Path], bool], what: str) -> None:
     """Before writing `path`: refuse in one line when a file is there that doratweet did not write."""
     if not (path.exists() or path.is_symlink()):
