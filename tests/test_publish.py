@@ -131,9 +131,29 @@ def test_a_link_leaving_the_run_folder_is_refused_in_one_line_naming_it(run_dir,
 
 
 def test_a_link_inside_the_run_folder_uploads_the_file_it_names(run_dir):
+    (run_dir / "plots" / "confusion_after.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"picture")
     (run_dir / "plots" / "latest.png").symlink_to(run_dir / "plots" / "confusion_after.png")
     plan = dict((remote, local) for local, remote in upload_plan(run_dir))
     assert plan["plots/latest.png"] == run_dir / "plots" / "confusion_after.png"
+
+
+@pytest.mark.parametrize("name, target", [
+    ("plots/env.png", "../adapter/.env"),  # a hidden file
+    ("plots/config.png", "../adapter/adapter_config.json"),  # allowed, but not a plot
+    ("plots/log.png", "../train_log.jsonl"),  # not on the allow-list
+    ("predictions/notes.txt", "../checkpoint/optimizer.pt"),
+    ("metrics.json", "train_log.jsonl"),
+])
+def test_a_link_inside_the_run_folder_to_a_file_push_would_not_upload_is_refused(run_dir, capsys, name, target):
+    (run_dir / "adapter" / ".env").write_text("HF_TOKEN=hf_secret")
+    link = run_dir / name
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
+    assert main(["push", str(run_dir), "--repo", "me/tweets", "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "hf_secret" not in captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and name in captured.err
+    assert "which push does not upload" in captured.err
 
 
 def test_the_dry_run_says_public_by_default(run_dir, capsys):

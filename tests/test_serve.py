@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import time
 from pathlib import Path
 
 import httpx
+
 import pytest
 
 from doratweet import LABELS
@@ -398,6 +400,19 @@ def test_a_plot_linking_inside_the_run_folder_is_served(classifier, run_copy):
     (run_copy / "plots" / "latest.png").symlink_to(run_copy / "plots" / "confusion_after.png")
     response = request(create_app(classifier, run_dir=run_copy), "GET", "/report/plots/latest.png")
     assert response.status_code == 200 and response.content == (run_copy / "plots" / "confusion_after.png").read_bytes()
+
+
+@pytest.mark.parametrize("target", ["../adapter/.env", "../adapter/adapter_config.json", "../metrics.json",
+                                    ".hidden.png"])
+def test_a_plot_linking_to_a_run_file_that_is_not_a_plot_is_neither_listed_nor_served(classifier, run_copy, target):
+    (run_copy / "adapter").mkdir()
+    (run_copy / "adapter" / ".env").write_text("HF_TOKEN=hf_secret")
+    (run_copy / "adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": "/home/me/model"}')
+    shutil.copy(run_copy / "plots" / "confusion_after.png", run_copy / "plots" / ".hidden.png")
+    (run_copy / "plots" / "inner.png").symlink_to(target)
+    app = create_app(classifier, run_dir=run_copy)
+    assert request(app, "GET", "/report/plots/inner.png").status_code == 404
+    assert "inner.png" not in request(app, "GET", "/v1/model").json()["plots"]
 
 
 def test_a_plot_that_is_a_folder_is_not_listed(classifier, run_copy):

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from .errors import UserError
+from .run_folder import is_png
 from .report import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_DIR,
@@ -34,6 +35,7 @@ from .report import (
 )
 
 log = logging.getLogger("doratweet")
+
 
 # The Hub's rule for names: letters, digits, '-', '_', '.'; no leading/trailing '-' or '.', no '--' or '..'.
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
@@ -58,6 +60,7 @@ def upload_plan(run_dir: str | Path) -> list[tuple[Path, str]]:
                 remote = f"{folder}/{name}" if folder else name
                 real = file_inside(run_dir, remote)
                 if real is not None:
+                    refuse_link_to_unpublished(run_dir, remote, real)
                     plan.append((real, remote))
     uploaded = {remote for _, remote in plan}
     if f"{ADAPTER_DIR}/{ADAPTER_CONFIG_FILE}" not in uploaded:
@@ -65,6 +68,25 @@ def upload_plan(run_dir: str | Path) -> list[tuple[Path, str]]:
     if README_FILE not in uploaded:
         raise UserError(f"{run_dir}: no {README_FILE} (model card); write it with `doratweet report {run_dir}`")
     return plan
+
+
+def _published(relative: str) -> bool:
+    folder, _, name = relative.rpartition("/")
+    return any(folder == allowed_folder and re.fullmatch(pattern, name) for allowed_folder, pattern in ALLOWED)
+
+
+def refuse_link_to_unpublished(run_dir: Path, remote: str, real: Path) -> None:
+    """A link inside the run folder goes up only when the file it names would go up itself (on the allow-list, not
+    hidden; a plot is a PNG in plots/): else a link would publish a `.env` or the raw adapter config."""
+    relative = real.relative_to(run_dir.resolve()).as_posix()
+    if relative == remote:
+        return
+    is_plot = remote.startswith(f"{PLOTS_DIR}/")
+    if _published(relative) and (not is_plot or (relative.startswith(f"{PLOTS_DIR}/") and is_png(real))):
+        return
+    raise UserError(f"{run_dir / remote}: a link to {relative}, which push does not upload"
+                    f"{' as a plot (a PNG in plots/)' if is_plot else ''}; replace the link with a copy of the file "
+                    "it should upload, or remove it")
 
 
 def public_plan(run_dir: str | Path, plan: list[tuple[Path, str]]) -> list[tuple[Path | bytes, str]]:

@@ -57,7 +57,7 @@ def _safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def _png(path: Path) -> bool:
+def is_png(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE
 
@@ -160,7 +160,7 @@ RUN_LAYOUT = _Layout({  # what `doratweet run` writes on top
     "metrics.json": _file(lambda p: is_json_object(p, "results", "training")),
     CARD_FILE: _file(is_own_card),
     "predictions": _folder(_Layout({name: _file(is_label_ids) for name in PREDICTION_FILES})),
-    "plots": _folder(_Layout({name: _file(_png) for name in PLOT_FILES})),
+    "plots": _folder(_Layout({name: _file(is_png) for name in PLOT_FILES})),
 }, {r"round-\d+": _folder(TRAINING_LAYOUT)})
 
 
@@ -220,7 +220,7 @@ def refuse_links(folder: Path, names) -> None:
 def refuse_foreign_plots(run_dir: Path) -> None:
     """Before drawing the plots: refuse a file under a plot's name that is not a PNG (or is a link)."""
     for name in PLOT_FILES:
-        refuse_to_replace(Path(run_dir) / "plots" / name, _png, "a doratweet plot")
+        refuse_to_replace(Path(run_dir) / "plots" / name, is_png, "a doratweet plot")
 
 
 def refuse_to_replace(path: Path, recognised: Callable[[Path], bool], what: str) -> None:

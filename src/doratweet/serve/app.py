@@ -46,6 +46,7 @@ from ..report import (
     public_name,
     result,
 )
+from ..run_folder import is_png
 from ..texts import text_problem
 from .batching import DynamicBatcher, QueueFull, ShuttingDown
 
@@ -186,7 +187,7 @@ def create_app(
     async def plot(name: Annotated[str, UrlPath(description="a name in /v1/model's `plots`",
                                                 examples=["confusion_after.png"])]) -> FileResponse:
         # Only names listed in plots/ are served: the name is matched, never joined into a path unchecked.
-        real = served_file(run_dir, f"{PLOTS_DIR}/{name}") if name in plot_names(run_dir) else None
+        real = served_plot(run_dir, name) if name in plot_names(run_dir) else None
         if real is None:
             raise HTTPException(404, f"no plot {name!r}")
         return FileResponse(real, media_type="image/png")
@@ -298,8 +299,19 @@ def plot_names(run_dir: Path | None) -> list[str]:
     folder = run_dir / PLOTS_DIR if run_dir else None
     if folder is None or not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir()
-                  if PLOT_NAME.fullmatch(p.name) and served_file(run_dir, f"{PLOTS_DIR}/{p.name}"))
+    return sorted(p.name for p in folder.iterdir() if PLOT_NAME.fullmatch(p.name) and served_plot(run_dir, p.name))
+
+
+def served_plot(run_dir: Path, name: str) -> Path | None:
+    """The real path of plots/`name` when it is a PNG whose resolved path is itself a plot's: a link to another
+    file of the run (a hidden `.env`, the adapter's config) is not served, as if absent."""
+    real = served_file(run_dir, f"{PLOTS_DIR}/{name}")
+    if real is None:
+        return None
+    relative = real.relative_to(run_dir.resolve())
+    if relative.parent != Path(PLOTS_DIR) or not PLOT_NAME.fullmatch(relative.name):
+        return None
+    return real if is_png(real) else None
 
 
 def run_summary(run_dir: Path | None) -> dict:
