@@ -235,7 +235,7 @@ def test_overwrite_never_follows_a_link_out_of_the_run_folder(tiny_run_dir, tmp_
     shutil.copytree(tiny_run_dir, out)
     shutil.rmtree(out / "adapter")
     (out / "adapter").symlink_to(elsewhere)
-    with pytest.raises(UserError, match=r"adapter/? is not a folder"):
+    with pytest.raises(UserError, match=r"adapter/? is a link, and --overwrite replaces only"):
         remove_previous_run(out)
     assert sorted(p.name for p in elsewhere.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
@@ -254,3 +254,39 @@ def test_resume_refuses_a_folder_of_the_run_that_is_a_link_before_writing(tiny_r
     with pytest.raises(UserError, match=r"plots: is a link .*never writes through a link"):
         check_out_dir(out, overwrite=False, resume=True)
     assert (elsewhere / "training_curves.png").read_text() == "my drawing"
+
+
+@pytest.mark.parametrize("name, make", [
+    (".checkpoint.trash", lambda path: (path.mkdir(), (path / "backup.txt").write_text("mine"))),
+    (".round-1.trash", lambda path: (path.mkdir(), (path / "thesis.tex").write_text("mine"))),
+    (".README.md.mine.tmp", lambda path: path.write_text("mine")),
+    (".metrics.json.backup.tmp", lambda path: path.write_text("mine")),
+])
+def test_overwrite_refuses_a_leftover_name_holding_what_no_run_wrote(tiny_run_dir, tmp_path, name, make):
+    from doratweet.run_folder import remove_previous_run
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, out)
+    make(out / name)
+    with pytest.raises(UserError, match=rf"{name.replace('.', '[.]')}\S* is .*--overwrite replaces only what"):
+        remove_previous_run(out)
+    assert (out / name).exists() and (out / "adapter").is_dir()
+
+
+def test_overwrite_removes_leftovers_named_as_an_atomic_write_makes_them(tiny_run_dir, tmp_path):
+    from doratweet.files import atomic_path
+    from doratweet.run_folder import remove_previous_run
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, out)
+    with pytest.raises(KeyboardInterrupt), atomic_path(out / "README.md") as tmp:
+        leftover = tmp.with_name(tmp.name.replace("README", "metrics").replace(".md.", ".json."))
+        leftover.write_text("{")
+        raise KeyboardInterrupt
+    trash = out / ".checkpoint.trash" / "step-00000002"
+    shutil.copytree(out / "adapter", trash)
+    (trash / "adapter_config.json").rename(trash / "state.json")
+    (trash / "adapter_model.safetensors").rename(trash / "tensors.safetensors")
+    (out / "notes.txt").write_text("mine")
+    remove_previous_run(out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

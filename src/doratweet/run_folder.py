@@ -102,11 +102,17 @@ Check = Callable[[Path], None]
 
 def _file(recognised: Callable[[Path], bool] = _anything) -> Check:
     def check(path: Path) -> None:
-        if path.is_symlink() or not path.is_file():
+        if path.is_symlink():
+            raise _Foreign(path, "is a link")
+        if not path.is_file():
             raise _Foreign(path, "is not a plain file")
         if not recognised(path):
             raise _Foreign(path, "does not hold what doratweet writes there")
     return check
+
+
+def _not_ours(path: Path) -> None:
+    raise _Foreign(path, "is not a temporary file doratweet writes")
 
 
 class _Layout:
@@ -121,8 +127,16 @@ class _Layout:
         for pattern, check in self.patterns.items():
             if re.fullmatch(pattern, name):
                 return check
-        if any(name == f".{own}.tmp" or (name.startswith(f".{own}.") and name.endswith(".tmp")) for own in self.names):
-            return _file()  # `.NAME.tmp` / `.NAME.<random>.tmp`: an atomic write of NAME cut short
+        if name.startswith(".") and name.endswith(_TRASH):  # a removal of folder NAME cut short: what is left of it
+            layout = getattr(self.check_for(name[1 : -len(_TRASH)]), "layout", None)
+            return _folder(layout, may_be_empty=True) if layout else None
+        for own, check in self.names.items():
+            # `.NAME.tmp` (pipeline.write_json) or `.NAME.<8 random>.tmp` (files.atomic_path, tempfile's mkstemp):
+            # a write of file NAME cut short. Another `.NAME.*.tmp` only looks like one, and is refused.
+            if name.startswith(f".{own}.") and name.endswith(".tmp"):
+                if not hasattr(check, "layout") and re.fullmatch(rf"\.{re.escape(own)}(\.[a-z0-9_]{{8}})?\.tmp", name):
+                    return _file()
+                return _not_ours
         return None
 
     def check_entry(self, entry: Path) -> None:
@@ -132,16 +146,20 @@ class _Layout:
         check(entry)
 
 
-def _folder(layout: _Layout) -> Check:
-    """A folder doratweet made: a real folder, not empty, every entry in `layout` and recognised."""
+def _folder(layout: _Layout, may_be_empty: bool = False) -> Check:
+    """A folder doratweet made: a real folder, not empty (unless `may_be_empty`: what a removal cut short leaves),
+    every entry in `layout` and recognised."""
     def check(path: Path) -> None:
-        if path.is_symlink() or not path.is_dir():
+        if path.is_symlink():
+            raise _Foreign(path, "is a link")
+        if not path.is_dir():
             raise _Foreign(path, "is not a folder")
         entries = sorted(path.iterdir())
-        if not entries:
+        if not entries and not may_be_empty:
             raise _Foreign(path, "is an empty folder")
         for entry in entries:
             layout.check_entry(entry)
+    check.layout = layout
     return check
 
 
@@ -151,7 +169,7 @@ TRAINING_LAYOUT = _Layout({  # what `doratweet train` writes, and each round of 
     "adapter": _folder(_Layout({"adapter_config.json": _file(lambda p: is_json_object(p, "peft_type", "doratweet")),
                                 "adapter_model.safetensors": _file(_safetensors)})),
     "checkpoint": _folder(_Layout({}, {r"step-\d{8}": _CHECKPOINT_STEP,
-                                       r"\.step-\d{8}\.(tmp|trash)": _CHECKPOINT_STEP})),
+                                       r"\.step-\d{8}\.tmp": _CHECKPOINT_STEP})),
     "train_log.jsonl": _file(_train_log),
     "train_summary.json": _file(lambda p: is_json_object(p, "steps")),
 })
@@ -164,11 +182,6 @@ RUN_LAYOUT = _Layout({  # what `doratweet run` writes on top
 }, {r"round-\d+": _folder(TRAINING_LAYOUT)})
 
 
-def _removal_leftover(name: str) -> bool:
-    """`.NAME.trash`: an entry of a previous run renamed for removal, when that removal was cut short."""
-    return name.startswith(".") and name.endswith(_TRASH) and RUN_LAYOUT.check_for(name[1 : -len(_TRASH)]) is not None
-
-
 def previous_run_entries(out_dir: Path) -> list[Path]:
     """The entries of `out_dir` that a previous doratweet run wrote, for --overwrite to remove. An entry under a
     run's name that doratweet did not write is refused in one line naming it; other names are left out."""
@@ -176,9 +189,6 @@ def previous_run_entries(out_dir: Path) -> list[Path]:
         return []
     found = []
     for entry in sorted(out_dir.iterdir()):
-        if _removal_leftover(entry.name):
-            found.append(entry)
-            continue
         check = RUN_LAYOUT.check_for(entry.name)
         if check is None:
             continue
