@@ -59,6 +59,13 @@ COUNT_FIELDS = ("rank", "batch_size", "grad_accum", "max_steps", "eval_every", "
                 "log_every", "eval_batch_size")
 
 
+# Bounds far above any useful value, so that an absurd one (`--alpha 1e308`) is refused before anything is made
+# instead of training into a NaN loss: alpha/r scales the update; weight decay stays at most 1 so that lr x decay, the
+# share AdamW takes off each weight per step, stays below 1 (--lr is below 1).
+MAX_ALPHA = 100_000
+MAX_EPOCHS = 1_000_000
+
+
 @dataclass
 class TrainConfig:
     method: str = "dora"
@@ -92,16 +99,17 @@ class TrainConfig:
         checks = [
             ("method", self.method in ("dora", "lora"), "choose dora or lora"),
             ("rank", self.rank >= 1, "must be 1 or more"),
-            ("alpha", math.isfinite(self.alpha) and self.alpha > 0, "must be a positive number"),
+            ("alpha", 0 < self.alpha <= MAX_ALPHA, f"must be a positive number, at most {MAX_ALPHA}"),
             ("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
             ("targets", len(self.targets) > 0, "name at least one module, e.g. q_proj,v_proj"),
-            ("epochs", math.isfinite(self.epochs) and self.epochs > 0, "must be positive"),
+            ("epochs", 0 < self.epochs <= MAX_EPOCHS, f"must be positive, at most {MAX_EPOCHS}"),
             ("lr", math.isfinite(self.lr) and 0 < self.lr < 1, "must be in (0, 1), e.g. 2e-4"),
             ("batch_size", self.batch_size >= 1, "must be 1 or more"),
             ("grad_accum", self.grad_accum >= 1, "must be 1 or more"),
             ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be 1 or more"),
             ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "must be in [0, 1)"),
-            ("weight_decay", self.weight_decay >= 0, "must be 0 or more"),
+            ("weight_decay", 0 <= self.weight_decay <= 1, "must be in [0, 1] (AdamW's usual values are 0 to 0.1)"),
+            ("max_grad_norm", math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0, "must be a positive number"),
             ("label_smoothing", 0.0 <= self.label_smoothing < 1.0, "must be in [0, 1)"),
             ("eval_every", self.eval_every >= 0, "must be 0 (only at the end) or more"),
             ("eval_limit", self.eval_limit is None or self.eval_limit >= 1, "must be 1 or more"),
