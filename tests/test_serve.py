@@ -272,6 +272,26 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(no_model_load, capsys)
     assert len(err.strip().splitlines()) == 1 and err.startswith("doratweet: error: --port")
 
 
+def test_an_ipv6_host_is_shown_in_brackets_as_in_a_url(no_model_load, capsys):
+    import socket
+
+    from doratweet.cli import main
+
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--host", "::1", "--port", str(port)]) == 2
+    assert f"cannot listen on [::1]:{port} " in capsys.readouterr().err
+
+
+def test_the_address_served_is_a_url_that_brackets_an_ipv6_host():
+    from doratweet.serve import served_url
+
+    assert served_url("::1", 8000) == "http://[::1]:8000"
+    assert served_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+
+
 @pytest.mark.parametrize("url", ["/health", "/", "/report", "/ui/config", "/v1/model",
                                  "/report/plots/confusion_after.png"])
 def test_head_is_answered_like_get_without_a_body(classifier, run_dir, url):

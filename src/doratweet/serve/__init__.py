@@ -45,6 +45,15 @@ def check_options(*, port: int, max_batch: int, max_wait_ms: float, max_texts: i
                         f"{MAX_SHUTDOWN_TIMEOUT:g}")
 
 
+def host_port(host: str, port: int) -> str:
+    """`host:port` as a URL writes it: an IPv6 address in brackets (`[::1]:8000`), else `::1:8000` is ambiguous."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def served_url(host: str, port: int) -> str:
+    return f"http://{host_port(host, port)}"
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A socket bound to host:port, made before the model loads so that a taken port or an unknown host is
     reported at once instead of after a minute of loading."""
@@ -61,7 +70,7 @@ def listen(host: str, port: int) -> socket.socket:
         sock.listen(2048)
     except OSError as error:
         sock.close()
-        raise UserError(f"--port {port}: cannot listen on {host}:{port} ({error.strerror or error}); "
+        raise UserError(f"--port {port}: cannot listen on {host_port(host, port)} ({error.strerror or error}); "
                         "choose another --port or stop what uses it") from None
     sock.set_inheritable(True)
     return sock
@@ -93,7 +102,7 @@ def run_server(path: str | None, *, model: str | None = None, host: str = "127.0
                 log.warning("%s; /report and /v1/model show no metrics", problem)
         classifier = SentimentClassifier.load(path, model=model, bf16=bf16)
         app = create_app(classifier, run_dir=run_dir, adapter_dir=adapter, api_key=api_key, **limits)
-        log.info("serving %s on http://%s:%d (API docs at /docs)", adapter, host, port)
+        log.info("serving %s on %s (API docs at /docs)", adapter, served_url(host, port))
         serve_until_stopped(app, sock, shutdown_timeout)
     finally:
         sock.close()
