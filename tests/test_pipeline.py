@@ -290,3 +290,19 @@ def test_overwrite_removes_leftovers_named_as_an_atomic_write_makes_them(tiny_ru
     (out / "notes.txt").write_text("mine")
     remove_previous_run(out)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_writing_a_run_file_never_writes_through_a_link_at_its_temporary_name(tmp_path):
+    from doratweet.pipeline import write_json, write_label_ids
+
+    mine = tmp_path / "mine.txt"
+    mine.write_text("my notes")
+    out = tmp_path / "run"
+    (out / "predictions").mkdir(parents=True)
+    (out / ".metrics.json.tmp").symlink_to(mine)
+    (out / "predictions" / ".test_after.txt.tmp").symlink_to(mine)
+    write_json(out / "metrics.json", {"steps": 2})
+    write_label_ids(out / "predictions" / "test_after.txt", [0, 2])
+    assert mine.read_text() == "my notes"
+    assert json.loads((out / "metrics.json").read_text()) == {"steps": 2}
+    assert (out / "predictions" / "test_after.txt").read_text() == "0\n2\n"

@@ -26,6 +26,7 @@ from .adapters.inject import check_rank_fits
 from .checkpoints import checkpoint_folders
 from .data import Split, load_data, resolve_data_spec
 from .errors import UserError
+from .files import write_atomically
 from .evaluate import Predictions, classification_metrics, predict
 from .models import EMBEDDED_NAME, load_base_model
 from .hardware import inference_model
@@ -239,16 +240,11 @@ def start_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def write_json(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_label_ids(path: Path, labels) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{int(y)}\n" for y in labels))
-    os.replace(tmp, path)
+    write_atomically(path, "".join(f"{int(y)}\n" for y in labels))
 
 
 def environment(device: torch.device) -> dict:
