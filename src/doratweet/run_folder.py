@@ -131,9 +131,8 @@ class _Layout:
             layout = getattr(self.check_for(name[1 : -len(_TRASH)]), "layout", None)
             return _folder(layout, may_be_empty=True) if layout else None
         for own, check in self.names.items():
-            # `.NAME.<8 random>.tmp` (files.atomic_path: tempfile's mkstemp) or `.NAME.tmp` (the fixed name earlier
-            # versions wrote through):
-            # a write of file NAME cut short. Another `.NAME.*.tmp` only looks like one, and is refused.
+            # A write of file NAME cut short: `.NAME.<8 random>.tmp` (files.atomic_path: tempfile's mkstemp), or
+            # `.NAME.tmp` (the fixed name earlier versions used). Another `.NAME.*.tmp` only looks like one: refused.
             if name.startswith(f".{own}.") and name.endswith(".tmp"):
                 if not hasattr(check, "layout") and re.fullmatch(rf"\.{re.escape(own)}(\.[a-z0-9_]{{8}})?\.tmp", name):
                     return _file()
