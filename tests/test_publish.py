@@ -143,6 +143,7 @@ def test_a_link_inside_the_run_folder_uploads_the_file_it_names(run_dir):
     ("plots/log.png", "../train_log.jsonl"),  # not on the allow-list
     ("predictions/notes.txt", "../checkpoint/optimizer.pt"),
     ("metrics.json", "train_log.jsonl"),
+    ("README.md", "metrics.json"),  # allowed, but not as the card
 ])
 def test_a_link_inside_the_run_folder_to_a_file_push_would_not_upload_is_refused(run_dir, capsys, name, target):
     (run_dir / "adapter" / ".env").write_text("HF_TOKEN=hf_secret")
@@ -153,7 +154,7 @@ def test_a_link_inside_the_run_folder_to_a_file_push_would_not_upload_is_refused
     captured = capsys.readouterr()
     assert captured.out == "" and "hf_secret" not in captured.err
     assert len(captured.err.strip().splitlines()) == 1 and name in captured.err
-    assert "which push does not upload" in captured.err
+    assert "which push does not upload there" in captured.err
 
 
 def test_the_dry_run_says_public_by_default(run_dir, capsys):

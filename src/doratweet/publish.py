@@ -70,22 +70,25 @@ def upload_plan(run_dir: str | Path) -> list[tuple[Path, str]]:
     return plan
 
 
-def _published(relative: str) -> bool:
+def _same_rule(relative: str, remote: str) -> bool:
+    """Whether `relative` is allowed by the entry of `ALLOWED` that allows `remote`: a plot names a plot."""
     folder, _, name = relative.rpartition("/")
-    return any(folder == allowed_folder and re.fullmatch(pattern, name) for allowed_folder, pattern in ALLOWED)
+    remote_folder, _, remote_name = remote.rpartition("/")
+    return folder == remote_folder and any(folder == allowed_folder and re.fullmatch(pattern, name) and
+                                           re.fullmatch(pattern, remote_name) for allowed_folder, pattern in ALLOWED)
 
 
 def refuse_link_to_unpublished(run_dir: Path, remote: str, real: Path) -> None:
-    """A link inside the run folder goes up only when the file it names would go up itself (on the allow-list, not
-    hidden; a plot is a PNG in plots/): else a link would publish a `.env` or the raw adapter config."""
+    """A link inside the run folder goes up only when the file it names would go up itself under the same rule
+    (not hidden, in the same folder; a plot is a PNG): else a link would publish a `.env` or the raw adapter config."""
     relative = real.relative_to(run_dir.resolve()).as_posix()
     if relative == remote:
         return
     is_plot = remote.startswith(f"{PLOTS_DIR}/")
-    if _published(relative) and (not is_plot or (relative.startswith(f"{PLOTS_DIR}/") and is_png(real))):
+    if _same_rule(relative, remote) and (not is_plot or is_png(real)):
         return
-    raise UserError(f"{run_dir / remote}: a link to {relative}, which push does not upload"
-                    f"{' as a plot (a PNG in plots/)' if is_plot else ''}; replace the link with a copy of the file "
+    raise UserError(f"{run_dir / remote}: a link to {relative}, which push does not upload there"
+                    f"{' (a plot is a PNG in plots/)' if is_plot else ''}; replace the link with a copy of the file "
                     "it should upload, or remove it")
 
 
