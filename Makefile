@@ -6,7 +6,7 @@ SHARED_DATA := $(abspath ../shared/data/tweeteval/sentiment)
 # Point the code at the shared TweetEval copy when it exists; otherwise the Hub dataset is used.
 export DORATWEET_DATA ?= $(if $(wildcard $(SHARED_DATA)/mapping.txt),$(SHARED_DATA),)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 $(BIN)/doratweet: pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest tests
+
+# The inner loop while editing (under a minute): `make test` above is what CI runs.
+test-fast: setup
+	$(BIN)/python -m pytest tests -m "not slow and not distributed and not browser"
 
 bench: setup
 	$(BIN)/python benchmarks/dora_step.py --small

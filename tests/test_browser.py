@@ -16,9 +16,12 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 API_KEY = "browser-test-key"
 
-pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-                                reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, "
-                                "/usr/bin/chromedriver): apt-get install chromium chromium-driver")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+                       reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, "
+                       "/usr/bin/chromedriver): apt-get install chromium chromium-driver"),
+]
 
 
 def free_port() -> int:

@@ -145,6 +145,7 @@ def test_an_unexpected_failure_is_one_line_pointing_at_debug(tmp_path, capsys, m
     assert "RuntimeError: disk quota exceeded (rerun with --debug" in one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_a_model_without_a_chat_template_trains_and_predicts_with_the_plain_fallback(
         tiny_model_dir, tiny_data_dir, tmp_path, caplog):
     import json
@@ -173,6 +174,7 @@ def test_the_duplicate_id_check_follows_id_column(tiny_model_dir, tmp_path, caps
     assert "duplicate id '1'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_the_same_command_and_keeps_its_exit_status(tmp_path):
     # `python -m doratweet` is how the GPU script runs the package from PYTHONPATH, uninstalled.
     import subprocess

@@ -32,6 +32,8 @@ from doratweet.adapters import adapter_state_dict, load_adapter
 from doratweet.checkpoints import checkpoint_folders
 from doratweet.cli import main
 
+pytestmark = pytest.mark.distributed
+
 # 11 tweets in micro-batches of 5: shares of 3+2 tweets, and a last batch of 1 that leaves rank 1 with nothing
 # (it then runs with weight 0); 3 micro-batches per step exercise DDP's no_sync accumulation.
 OPTIONS = ["--train-limit", "11", "--batch-size", "5", "--grad-accum", "3", "--max-steps", "6", "--rank", "4",

@@ -11,10 +11,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from doratweet.checkpoints import checkpoint_folders
+
+pytestmark = pytest.mark.distributed
 
 # 11 tweets in micro-batches of 5, 3 per step: micro-batch 11 falls in step 4.
 OPTIONS = ["--train-limit", "11", "--batch-size", "5", "--grad-accum", "3", "--max-steps", "6", "--rank", "4",

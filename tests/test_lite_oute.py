@@ -13,6 +13,8 @@ from conftest import CHATML, TWEETS
 from doratweet.cli import main
 from doratweet.predict import SentimentClassifier
 
+pytestmark = pytest.mark.slow  # a 300M-parameter model, trained and evaluated on CPU
+
 # The fields the course names; the rest are transformers' Mistral defaults.
 LITE_OUTE_CONFIG = dict(vocab_size=32768, hidden_size=896, intermediate_size=3584, num_hidden_layers=20,
                         num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=4096,

