@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import signal
 import zlib
 
 import httpx
@@ -107,6 +108,46 @@ def test_an_output_that_is_a_folder_is_one_line(tmp_path, capsys, fake, argument
     assert predict(*arguments, "--output", folder) == 2
     assert "labels.jsonl: is a folder; give a file name" in one_line_error(capsys)
     assert list(folder.iterdir()) == []
+
+
+# --- an --output that cannot be written ----------------------------------------------------------------
+
+
+def _unwritable_outputs(tmp_path):
+    """Paths no one may create a file at: kernel folders, and (unless root, who may write anywhere) a folder
+    without write permission."""
+    paths = [p for p in ("/sys/labels.jsonl", "/proc/1/labels.jsonl") if os.path.isdir(os.path.dirname(p))]
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        paths += [str(locked / "labels.jsonl"), str(locked / "missing" / "labels.jsonl")]
+    return paths
+
+
+@pytest.mark.parametrize("arguments", [["--input", "IN"], ["--input", "IN", "--format", "jsonl", "--overwrite"],
+                                       ["hello there"]], ids=["streamed", "printed from --input", "texts"])
+def test_an_output_that_cannot_be_written_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch,
+                                                                              arguments):
+    (tmp_path / "in.txt").write_text("hello\n")
+    arguments = [str(tmp_path / "in.txt") if a == "IN" else a for a in arguments]
+    loads = []
+    monkeypatch.setattr(SentimentClassifier, "load", classmethod(lambda cls, *a, **k: loads.append(1) or FakeClassifier()))
+    outputs = _unwritable_outputs(tmp_path)
+    assert outputs, "no unwritable folder on this machine"
+    for output in outputs:
+        assert predict(*arguments, "--output", output) == 2
+        message = one_line_error(capsys)
+        assert f"--output {output}: cannot create a file in " in message and "choose another path" in message
+    assert loads == []
+
+
+def test_an_output_in_folders_that_do_not_exist_yet_is_created(tmp_path, fake):
+    (tmp_path / "in.txt").write_text("hello\n")
+    output = tmp_path / "new" / "deeper" / "labels.jsonl"
+    assert predict("--input", tmp_path / "in.txt", "--output", output) == 0
+    assert json.loads(output.read_text())["text"] == "hello"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "new"]
 
 
 # --- an existing file given as --output for texts from arguments or stdin ----------------------------------
@@ -307,6 +348,25 @@ def test_an_interrupted_streamed_predict_says_to_run_the_same_command_and_that_r
     assert predict(*command) == 0
     assert resumed.texts == [f"tweet {i}" for i in range(6, 10)]
     assert [json.loads(line)["text"] for line in out.read_text().splitlines()] == [f"tweet {i}" for i in range(10)]
+
+
+def test_sigterm_during_a_streamed_predict_exits_143_saying_what_the_output_holds(tmp_path, capsys, monkeypatch):
+    source = tmp_path / "in.txt"
+    source.write_text("".join(f"tweet {i}\n" for i in range(10)))
+    out = tmp_path / "out.jsonl"
+    terminated = FakeClassifier()
+    original = terminated.predict_proba
+
+    def predict_proba(texts):
+        if terminated.calls == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler main() installs raises at the next bytecode
+        return original(texts)
+
+    terminated.predict_proba = predict_proba
+    monkeypatch.setattr(SentimentClassifier, "load", classmethod(lambda cls, *args, **kwargs: terminated))
+    assert predict("--input", source, "--output", out, "--batch-size", "3") == 143
+    assert capsys.readouterr().err == (f"doratweet: stopped by SIGTERM; {out} holds the first 6 rows: run the same "
+                                       "command again to label the rest\n")
 
 
 def test_an_interrupted_printed_predict_does_not_mention_resume(capsys, monkeypatch):

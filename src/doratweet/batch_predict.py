@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -232,6 +233,20 @@ def check_output_path(output_path: str | os.PathLike, input_path: str | os.PathL
             and os.path.samefile(input_path, output_path):
         raise UserError(f"--output {output_path}: is the --input file ({input_path}); writing labels there would "
                         "destroy the texts being read; choose another file")
+    if parent is not None:
+        _check_can_create_files_in(output_path, parent)
+
+
+def _check_can_create_files_in(output_path: Path, folder: Path) -> None:
+    """Create and remove a file in the folder the output (or the folders leading to it) will be made in, so
+    that a folder the user may not write (read-only, /sys, /proc) is said before the model loads, not after."""
+    try:
+        handle, name = tempfile.mkstemp(dir=folder, prefix=f".{output_path.name}.", suffix=".check")
+    except OSError as error:
+        raise UserError(f"--output {output_path}: cannot create a file in {folder} ({error.strerror or error}); "
+                        "choose another path, or a folder you may write to") from None
+    os.close(handle)
+    os.unlink(name)
 
 
 def progress_file(output_path: Path) -> Path:
@@ -265,7 +280,7 @@ def predict_file(
     `job` holds whatever else decides the labels (the caller's adapter hash, base model, precision); an
     output written with other values, or from another input, or not by doratweet at all, is refused unless
     `overwrite`. `load_classifier` is called only when there is work to do, so a complete output costs no
-    model load. An interruption is re-raised as a KeyboardInterrupt that says how many rows are kept.
+    model load. An interruption is re-raised as the same kind of KeyboardInterrupt, saying how many rows are kept.
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be 1 or more, got {batch_size}")
@@ -322,8 +337,8 @@ def predict_file(
                 save_progress()
                 bar.update(len(batch))
         save_progress(complete=True)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"{output_path} holds the first {skipped + written} rows: run the same command "
+    except KeyboardInterrupt as interrupt:  # its type says Ctrl-C or SIGTERM (stopping.Terminated): keep it
+        raise type(interrupt)(f"{output_path} holds the first {skipped + written} rows: run the same command "
                                 "again to label the rest") from None
     return BatchResult(written=written, skipped=skipped, already_complete=False)
 
