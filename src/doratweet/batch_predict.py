@@ -4,10 +4,11 @@
 .parquet with pyarrow's `iter_batches`), so memory holds one batch, never the file. Each labelled batch is
 appended to the output and flushed, then a progress file beside the output (`.NAME.progress`, replaced
 atomically) records how many rows and bytes are done and the SHA-256 of those bytes, with the SHA-256 of the
-input and the settings that decide the labels (adapter, options). Resuming relies on it: an output is
-continued only when its progress file matches this input and these settings and its first bytes are the
-ones recorded; what follows them (rows written after the last record, a half-written row) is cut off and
-written again, so a resumed output is byte for byte the uninterrupted one. Any other existing file is
+input and the settings that decide the labels and their digits (adapter, options, batch size: padding
+changes the last digits, device). Resuming relies on it: an output is continued only when its progress file
+matches this input and these settings and its first bytes are the ones recorded; what follows them (rows
+written after the last record, a half-written row) is cut off and written again, so a resumed output is byte
+for byte the uninterrupted one. Any other existing file is
 refused unless `overwrite`. When the output is complete its progress file stays, marked complete, so a rerun
 can tell an output that is done from one that was changed since. Rows keep the input's order and its id
 column, when it has one.
@@ -298,7 +299,7 @@ def predict_file(
     record = {"written_by": PROGRESS_WRITER,
               "input": {"bytes": input_file.stat().st_size, "sha256": _sha256(input_file).hexdigest()},
               "settings": {"--text-column": text_column, "--id-column": id_column, "--format": fmt,
-                           "doratweet": __version__, **(job or {})}}
+                           "--batch-size": batch_size, "doratweet": __version__, **(job or {})}}
     progress_path = progress_file(output_path)
     done = None
     if output_path.exists() and not overwrite:

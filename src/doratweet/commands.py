@@ -117,7 +117,8 @@ def predict_command(args, bf16: bool | None) -> None:
     if args.input and args.input != "-" and args.output and not args.texts and args.format != "table":
         # File to file: streamed in batches and appended, so any size fits in memory and a rerun resumes.
         job = {"adapter": adapter_sha256(adapter_folder(args.run or args.adapter)), "--model": args.model,
-               "--precision": args.precision}
+               "--precision": args.precision,
+               "device": default_device().type}  # a GPU's sums round differently: its digits are not the CPU's
         result = predict_file(args.input, args.output, load_classifier, text_column=args.text_column,
                               id_column=args.id_column or None, fmt=args.format, batch_size=args.batch_size,
                               overwrite=args.overwrite, progress=not args.quiet, job=job)
