@@ -247,6 +247,28 @@ def test_a_text_longer_than_max_text_chars_names_the_file_and_line(tmp_path):
         run(source, tmp_path / "out.jsonl")
 
 
+_GOOD_LINES = "".join(f"tweet {i}\n" for i in range(300))
+_BAD_ROWS = {"invalid UTF-8 at line 301": ("in.txt", _GOOD_LINES.encode() + b"caf\xe9\n", r"in\.txt:301: not valid UTF-8"),
+             "a long text at line 301": ("in.txt", (_GOOD_LINES + "x" * 5001 + "\n").encode(), r"in\.txt:301: text is 5,001"),
+             "a null at line 301": ("in.jsonl", ("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(300))
+                                                 + '{"text": null}\n').encode(), r"in\.jsonl:301: no text"),
+             "too many cells at line 302": ("in.csv", ("text\n" + _GOOD_LINES + "a,b\n").encode(),
+                                            r"in\.csv:302: more fields than the header")}
+
+
+@pytest.mark.parametrize("case", list(_BAD_ROWS))
+def test_a_bad_row_deep_in_the_input_is_refused_before_the_output_is_created(tmp_path, case):
+    name, data, expected = _BAD_ROWS[case]
+    source, out = tmp_path / name, tmp_path / "out.jsonl"
+    source.write_bytes(data)
+    labelled = []
+    with pytest.raises(UserError, match=expected):
+        predict_file(source, out, lambda: labelled.append(1) or FakeClassifier(), batch_size=8, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name] and labelled == []
+    source.write_bytes(data[:data.rindex(b"\n", 0, -1) + 1])  # the user removes the bad row: a fresh run starts
+    assert run(source, out, batch_size=8)[0].written == 300
+
+
 def test_crlf_input_is_read_like_lf_even_inside_quoted_csv_texts(tmp_path):
     source = tmp_path / "in.csv"
     source.write_bytes(b'id,text\r\n1,"two\r\nlines"\r\n2,plain\r\n')

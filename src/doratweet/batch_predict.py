@@ -1,6 +1,7 @@
 """File-to-file prediction for inputs of any size: stream, label in batches, append, resume.
 
-`predict_file` reads the input a batch at a time (.txt and .jsonl line by line, .csv with Python's csv,
+`predict_file` first reads the whole input once, a row at a time, to hash it and check every row, so a bad
+row is refused before anything is written. Then it reads the input a batch at a time (.txt and .jsonl line by line, .csv with Python's csv,
 .parquet with pyarrow's `iter_batches`), so memory holds one batch, never the file. Each labelled batch is
 appended to the output and flushed, then a progress file beside the output (`.NAME.progress`, replaced
 atomically) records how many rows and bytes are done and the SHA-256 of those bytes, with the SHA-256 of the
@@ -61,29 +62,33 @@ class BatchResult:
 # --- reading the input, one row at a time ----------------------------------------------------------------
 
 
-def iter_input_rows(path: str | os.PathLike, text_column: str = "text", id_column: str | None = "id") -> Iterator[InputRow]:
-    """The input's rows in order; `id_column` is passed through when the file has that column."""
+def iter_input_rows(path: str | os.PathLike, text_column: str = "text", id_column: str | None = "id",
+                    raw_hasher=None) -> Iterator[InputRow]:
+    """The input's rows in order; `id_column` is passed through when the file has that column. A text file's
+    bytes, as they are read, also go to `raw_hasher` (a hashlib object) when one is given."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"--input {path}: no such file; check the path")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return _txt_rows(path)
+        return _txt_rows(path, raw_hasher)
     if suffix in (".jsonl", ".json"):
-        return _jsonl_rows(path, text_column, id_column)
+        return _jsonl_rows(path, text_column, id_column, raw_hasher)
     if suffix == ".csv":
-        return _csv_rows(path, text_column, id_column)
+        return _csv_rows(path, text_column, id_column, raw_hasher)
     if suffix == ".parquet":
         return _parquet_rows(path, text_column, id_column)
     raise UserError(f"--input {path}: unsupported file type {path.suffix or '(none)'!r}; use {', '.join(INPUT_SUFFIXES)}")
 
 
-def _binary_lines(path: Path) -> Iterator[tuple[int, str]]:
+def _binary_lines(path: Path, raw_hasher=None) -> Iterator[tuple[int, str]]:
     """(line number, decoded line) split on '\\n' only: tweets may hold '\\r' or U+2028."""
     with path.open("rb") as handle:
         check_utf8_encoding(path, handle.read(ENCODING_SNIFF_BYTES))
         handle.seek(0)
         for line_number, raw in enumerate(handle, start=1):
+            if raw_hasher is not None:
+                raw_hasher.update(raw)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
@@ -101,15 +106,15 @@ def _checked_text(where: str, value) -> str:
     return value.strip()
 
 
-def _txt_rows(path: Path) -> Iterator[InputRow]:
+def _txt_rows(path: Path, raw_hasher=None) -> Iterator[InputRow]:
     """One text per line; a blank line is an empty text, so output row N is always input line N."""
-    for line_number, line in _binary_lines(path):
+    for line_number, line in _binary_lines(path, raw_hasher):
         where = f"{path}:{line_number}"
         yield InputRow(where, _checked_text(where, line.rstrip("\n")))
 
 
-def _jsonl_rows(path: Path, text_column: str, id_column: str | None) -> Iterator[InputRow]:
-    for line_number, line in _binary_lines(path):
+def _jsonl_rows(path: Path, text_column: str, id_column: str | None, raw_hasher=None) -> Iterator[InputRow]:
+    for line_number, line in _binary_lines(path, raw_hasher):
         if not line.strip():
             continue
         where = f"{path}:{line_number}"
@@ -123,11 +128,11 @@ def _jsonl_rows(path: Path, text_column: str, id_column: str | None) -> Iterator
         yield InputRow(where, _checked_text(where, record[text_column]), record.get(id_column) if id_column else None)
 
 
-def _csv_rows(path: Path, text_column: str, id_column: str | None) -> Iterator[InputRow]:
+def _csv_rows(path: Path, text_column: str, id_column: str | None, raw_hasher=None) -> Iterator[InputRow]:
     """Python's csv over the file's lines, as data.py reads CSV: each row is named by the line it starts on
     (a quoted text may span lines), every cell stays a string ("NA" stays a tweet), and a line that is not
     UTF-8 is named by `_binary_lines`."""
-    reader = csv.reader((line for _, line in _binary_lines(path)), strict=True)
+    reader = csv.reader((line for _, line in _binary_lines(path, raw_hasher)), strict=True)
     header: list[str] | None = None
     start = 1  # the line the next row starts on
     # csv refuses cells over 128 KiB; a giant text must reach the length check instead, which names its line.
@@ -176,16 +181,6 @@ def _require_column(path: Path, columns: list[str], column: str) -> None:
     if column not in columns:
         available = ", ".join(repr(name) for name in columns) or "none"
         raise UserError(f"{path}: no column {column!r} (columns: {available}); choose one with --text-column")
-
-
-def count_input_rows(path: str | os.PathLike) -> int | None:
-    """The number of rows when it is cheap to know (Parquet's metadata), for the progress bar; else None."""
-    path = Path(path)
-    if path.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(path).metadata.num_rows
-    return None
 
 
 # --- the output: rows, and what a partial file already holds -----------------------------------------------
@@ -288,16 +283,17 @@ def predict_file(
     output_path = Path(output_path)
     check_output_path(output_path, input_path)
     fmt = output_format(output_path, fmt)
-    rows = iter_input_rows(input_path, text_column, id_column)
     input_file = Path(input_path).expanduser()
-    first = next(rows, None)
-    if first is None:
+    input_sha256, total = _check_every_row(input_file, text_column, id_column)
+    if total == 0:
         raise UserError(f"--input {input_path}: no texts to classify; put one text per line (.txt) or one per row")
+    rows = iter_input_rows(input_file, text_column, id_column)
+    first = next(rows)
     kept_id = id_column if id_column and first.row_id is not None else None
     rows = _chain_first(first, rows)
 
     record = {"written_by": PROGRESS_WRITER,
-              "input": {"bytes": input_file.stat().st_size, "sha256": _sha256(input_file).hexdigest()},
+              "input": {"bytes": input_file.stat().st_size, "sha256": input_sha256},
               "settings": {"--text-column": text_column, "--id-column": id_column, "--format": fmt,
                            "--batch-size": batch_size, "doratweet": __version__, **(job or {})}}
     progress_path = progress_file(output_path)
@@ -325,7 +321,7 @@ def predict_file(
         classifier = load_classifier() if first_batch else None
         output_path.parent.mkdir(parents=True, exist_ok=True)
         save_progress()  # before the output is created or cut, so an output on disk always has its record
-        with output_path.open("ab") as out, _progress_bar(progress, count_input_rows(input_file), skipped) as bar:
+        with output_path.open("ab") as out, _progress_bar(progress, total, skipped) as bar:
             out.truncate(size)  # what follows the recorded rows: rows not yet recorded, a half-written row
             for batch in _chain_first(first_batch, _batches(rows, batch_size)) if first_batch else ():
                 probabilities = classifier.predict_proba([row.text for row in batch])
@@ -342,6 +338,17 @@ def predict_file(
         raise type(interrupt)(f"{output_path} holds the first {skipped + written} rows: run the same command "
                                 "again to label the rest") from None
     return BatchResult(written=written, skipped=skipped, already_complete=False)
+
+
+def _check_every_row(input_file: Path, text_column: str, id_column: str | None) -> tuple[str, int]:
+    """The input's SHA-256 and row count, from one read that also checks every row (encoding, columns, the
+    text rule), so that a bad row anywhere is refused before the output or its progress file exists: a
+    partial output would tie the corrected input to a refusal ("written from another --input")."""
+    hasher = hashlib.sha256()
+    total = sum(1 for _ in iter_input_rows(input_file, text_column, id_column, raw_hasher=hasher))
+    if input_file.suffix.lower() == ".parquet":  # pyarrow reads columns, not the file's bytes in order
+        hasher = _sha256(input_file)
+    return hasher.hexdigest(), total
 
 
 def _resumable(output_path: Path, progress_path: Path, record: dict, input_path) -> _Progress:
