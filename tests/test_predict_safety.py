@@ -402,3 +402,21 @@ def test_a_utf16_input_of_mostly_non_latin_text_without_a_byte_order_mark_is_nam
     source.write_bytes("中文推文很好\n我讨厌这个天气\n今天真不错\n明天见\n".encode("utf-16-le"))
     assert predict("--input", source, "--output", tmp_path / "out.jsonl") == 2
     assert "the file is UTF-16, not UTF-8" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("encoding, expected", [
+    ("utf-16", "<stdin>: the file is UTF-16, not UTF-8; re-save it as UTF-8"),
+    ("utf-16-le", "<stdin>: the file is UTF-16, not UTF-8; re-save it as UTF-8"),
+    ("latin-1", "<stdin>:2: not valid UTF-8 (byte 0xe9); re-save the file as UTF-8")])
+def test_stdin_in_another_encoding_is_named_as_a_file_would_be(capsys, fake, monkeypatch, encoding, expected):
+    data = "I love it\ncafé was awful\n".encode(encoding)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="surrogateescape"))
+    assert predict("--format", "jsonl") == 2
+    assert expected in one_line_error(capsys)
+    assert fake.texts == []
+
+
+def test_stdin_bytes_with_a_byte_order_mark_are_read_as_utf8(capsys, fake, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\ufeffcafé\nsecond\n".encode()), encoding="utf-8"))
+    assert predict("--format", "jsonl") == 0
+    assert fake.texts == ["café", "second"]

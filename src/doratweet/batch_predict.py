@@ -1,8 +1,9 @@
 """File-to-file prediction for inputs of any size: stream, label in batches, append, resume.
 
 `predict_file` first reads the whole input once, a row at a time, to hash it and check every row, so a bad
-row is refused before anything is written. Then it reads the input a batch at a time (.txt and .jsonl line by line, .csv with Python's csv,
-.parquet with pyarrow's `iter_batches`), so memory holds one batch, never the file. Each labelled batch is
+row is refused before anything is written. Then it reads the input a batch at a time (.txt and .jsonl line
+by line, .csv with Python's csv, .parquet with pyarrow's `iter_batches`), so memory holds one batch, never
+the file. Each labelled batch is
 appended to the output and flushed, then a progress file beside the output (`.NAME.progress`, replaced
 atomically) records how many rows and bytes are done and the SHA-256 of those bytes, with the SHA-256 of the
 input and the settings that decide the labels and their digits (adapter, options, batch size: padding
@@ -84,17 +85,23 @@ def iter_input_rows(path: str | os.PathLike, text_column: str = "text", id_colum
 def _binary_lines(path: Path, raw_hasher=None) -> Iterator[tuple[int, str]]:
     """(line number, decoded line) split on '\\n' only: tweets may hold '\\r' or U+2028."""
     with path.open("rb") as handle:
-        check_utf8_encoding(path, handle.read(ENCODING_SNIFF_BYTES))
-        handle.seek(0)
-        for line_number, raw in enumerate(handle, start=1):
-            if raw_hasher is not None:
-                raw_hasher.update(raw)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise UserError(f"{path}:{line_number}: not valid UTF-8 (byte 0x{raw[error.start]:02x}); "
-                                "re-save the file as UTF-8") from None
-            yield line_number, line.removeprefix("\ufeff") if line_number == 1 else line
+        yield from decoded_lines(path, handle, raw_hasher)
+
+
+def decoded_lines(name, handle, raw_hasher=None) -> Iterator[tuple[int, str]]:
+    """The lines of a seekable binary `handle` (a file, or stdin's bytes), each decoded as UTF-8 or refused
+    naming `name` and its line; a UTF-16 file is named as such, and a byte-order mark is dropped."""
+    check_utf8_encoding(name, handle.read(ENCODING_SNIFF_BYTES))
+    handle.seek(0)
+    for line_number, raw in enumerate(handle, start=1):
+        if raw_hasher is not None:
+            raw_hasher.update(raw)
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise UserError(f"{name}:{line_number}: not valid UTF-8 (byte 0x{raw[error.start]:02x}); "
+                            "re-save the file as UTF-8") from None
+        yield line_number, line.removeprefix("\ufeff") if line_number == 1 else line
 
 
 def _checked_text(where: str, value) -> str:

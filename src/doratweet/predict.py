@@ -130,7 +130,7 @@ def base_model_spec(config) -> str:
 def read_prediction_input(path: str | None, texts: list[str], text_column: str = "text") -> list[str]:
     """Texts from arguments, a file (.txt one per line, .csv, .jsonl, .parquet) or stdin ('-' or nothing; one
     per line, as in a .txt file), each checked by the rule of texts.py and stripped, before any model loads."""
-    from .batch_predict import iter_input_rows
+    from .batch_predict import decoded_lines, iter_input_rows
 
     if texts:
         return [_checked(f"TEXT {number}", text) for number, text in enumerate(texts, start=1)]
@@ -141,9 +141,13 @@ def read_prediction_input(path: str | None, texts: list[str], text_column: str =
         return found
     if sys.stdin is None or sys.stdin.isatty():
         raise UserError("predict: give texts as arguments, --input FILE, or pipe them on stdin")
-    lines = sys.stdin.read().split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is not None:  # the bytes, so stdin's encoding is checked as a file's is (UTF-16, not UTF-8 at line N)
+        lines = [line.removesuffix("\n") for _, line in decoded_lines("<stdin>", io.BytesIO(raw.read()))]
+    else:  # a text stream with no bytes under it (a program that replaced sys.stdin): already decoded
+        lines = sys.stdin.read().split("\n")
+        if lines[-1] == "":
+            lines.pop()  # the newline that ends the last line
     return [_checked(f"<stdin>:{number}", line) for number, line in enumerate(lines, start=1)]
 
 
