@@ -150,6 +150,42 @@ def test_an_output_in_folders_that_do_not_exist_yet_is_created(tmp_path, fake):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "new"]
 
 
+# --- an --output that is a symbolic link, a progress file doratweet did not write ------------------------
+
+
+@pytest.mark.parametrize("target", ["elsewhere/labels.jsonl", "existing.jsonl"], ids=["dangling", "to a file"])
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "texts"])
+def test_an_output_that_is_a_symbolic_link_is_refused_naming_the_real_path(tmp_path, capsys, fake, target, streamed):
+    (tmp_path / "in.txt").write_text("hello\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "existing.jsonl").write_text("mine\n")
+    link = tmp_path / "labels.jsonl"
+    link.symlink_to(tmp_path / target)
+    arguments = ["--input", tmp_path / "in.txt"] if streamed else ["hello"]
+    assert predict(*arguments, "--output", link, "--overwrite") == 2
+    message = one_line_error(capsys)
+    assert f"--output {link}: is a symbolic link to {tmp_path / target}" in message
+    assert list((tmp_path / "elsewhere").iterdir()) == [] and (tmp_path / "existing.jsonl").read_text() == "mine\n"
+    assert fake.texts == []
+
+
+def test_a_users_file_under_the_progress_files_name_is_refused_unless_overwrite(tmp_path, capsys, fake):
+    (tmp_path / "in.txt").write_text("hello\n")
+    mine = tmp_path / ".labels.jsonl.progress"
+    mine.write_text("my notes\n")
+    assert predict("--input", tmp_path / "in.txt", "--output", tmp_path / "labels.jsonl") == 2
+    assert ".labels.jsonl.progress: already exists and was not written by doratweet predict" in one_line_error(capsys)
+    assert mine.read_text() == "my notes\n" and not (tmp_path / "labels.jsonl").exists()
+    assert predict("--input", tmp_path / "in.txt", "--output", tmp_path / "labels.jsonl", "--overwrite") == 0
+
+
+def test_printed_output_leaves_a_users_file_under_the_progress_files_name_alone(tmp_path, fake):
+    mine = tmp_path / ".labels.jsonl.progress"
+    mine.write_text("my notes\n")
+    assert predict("hello", "--output", tmp_path / "labels.jsonl") == 0
+    assert mine.read_text() == "my notes\n"
+
+
 # --- an existing file given as --output for texts from arguments or stdin ----------------------------------
 
 
@@ -183,6 +219,34 @@ def test_streamed_csv_output_neutralises_formulas_in_texts_and_ids(tmp_path):
     assert [r["text"] for r in rows] == ["'=1+2", "'+1+2", "'-1+2", "'@SUM(A1)", "'=tab", "'=HYPERLINK(\"http://x\",\"y\")",
                                          "fine"]  # "\t=tab" is stripped like every text, then neutralised
     assert [r["id"] for r in rows] == ["0", "'=1", "2", "'=3", "4", "'=5", "6"]
+
+
+def test_a_carriage_return_inside_a_text_is_quoted_in_streamed_csv(tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_bytes(b"one\rtwo\nplain\n")
+    out = tmp_path / "out.csv"
+    predict_file(source, out, FakeClassifier, progress=False)
+    with out.open(newline="", encoding="utf-8") as handle:
+        assert [r["text"] for r in csv.DictReader(handle)] == ["one\rtwo", "plain"]
+
+
+def test_list_and_object_ids_go_into_csv_as_json_text(tmp_path):
+    source = tmp_path / "in.jsonl"
+    ids = [[1, "a"], {"user": "é", "n": 2}, True, None, 7]
+    source.write_text("".join(json.dumps({"id": i, "text": f"t{n}"}) + "\n" for n, i in enumerate(ids)))
+    out = tmp_path / "out.csv"
+    predict_file(source, out, FakeClassifier, progress=False)
+    assert [r["id"] for r in _csv_cells(out)] == ['[1, "a"]', '{"user": "é", "n": 2}', "true", "", "7"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_printed_and_streamed_output_files_are_byte_for_byte_the_same(tmp_path, fake, fmt):
+    texts = ["I love it", "=formula", "a, \"quoted\" text"]
+    (tmp_path / "in.txt").write_text("".join(t + "\n" for t in texts))
+    assert predict("--input", tmp_path / "in.txt", "--output", tmp_path / f"streamed.{fmt}") == 0
+    assert predict(*texts, "--output", tmp_path / f"printed.{fmt}") == 0
+    printed = (tmp_path / f"printed.{fmt}").read_bytes()
+    assert printed == (tmp_path / f"streamed.{fmt}").read_bytes() and b"\r" not in printed
 
 
 def test_jsonl_output_keeps_texts_as_they_are(tmp_path):

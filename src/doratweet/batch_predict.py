@@ -236,6 +236,10 @@ def check_output_path(output_path: str | os.PathLike, input_path: str | os.PathL
             and os.path.samefile(input_path, output_path):
         raise UserError(f"--output {output_path}: is the --input file ({input_path}); writing labels there would "
                         "destroy the texts being read; choose another file")
+    if output_path.is_symlink():  # writing through it would create or replace a file somewhere else
+        real = os.path.realpath(output_path)
+        raise UserError(f"--output {output_path}: is a symbolic link to {real}; give that path itself, or "
+                        "another file")
     if parent is not None:
         _check_can_create_files_in(output_path, parent)
 
@@ -304,6 +308,8 @@ def predict_file(
               "settings": {"--text-column": text_column, "--id-column": id_column, "--format": fmt,
                            "--batch-size": batch_size, "doratweet": __version__, **(job or {})}}
     progress_path = progress_file(output_path)
+    if not output_path.exists() and not overwrite:
+        check_progress_file_is_ours(progress_path)
     done = None
     if output_path.exists() and not overwrite:
         done = _resumable(output_path, progress_path, record, input_path)
@@ -356,6 +362,17 @@ def _check_every_row(input_file: Path, text_column: str, id_column: str | None) 
     if input_file.suffix.lower() == ".parquet":  # pyarrow reads columns, not the file's bytes in order
         hasher = _sha256(input_file)
     return hasher.hexdigest(), total
+
+
+def check_progress_file_is_ours(progress_path: Path) -> None:
+    """Refuse to replace a file under the progress file's name that doratweet did not write (a user's own)."""
+    if (progress_path.exists() or progress_path.is_symlink()) and _read_record(progress_path) is None:
+        raise UserError(f"{progress_path}: already exists and was not written by doratweet predict, which keeps "
+                        "its progress there; move it away, or pass --overwrite to replace it")
+
+
+def is_our_progress_file(progress_path: Path) -> bool:
+    return _read_record(progress_path) is not None
 
 
 def _resumable(output_path: Path, progress_path: Path, record: dict, input_path) -> _Progress:
@@ -419,12 +436,30 @@ def _format_rows(records: list[dict], fmt: str, id_column: str | None, header: b
     """Rows as text; every row, CSV or JSON Lines, ends with '\\n'. CSV cells are made spreadsheet-safe."""
     if fmt == "jsonl":
         return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    return csv_rows(records, output_columns(id_column), header)
+
+
+def csv_rows(records: list[dict], columns: list[str], header: bool) -> str:
+    """CSV text ending each row with '\\n', printed or streamed alike. A list, object or boolean (a JSON
+    Lines id) is written as JSON text, not as Python would print it; cells are made spreadsheet-safe."""
+    # csv quotes a cell holding a character of its line terminator: with "\r\n" both '\r' and '\n' inside a
+    # text are quoted (with "\n" a bare '\r' would not be, and readers would split the row there). Each row's
+    # own "\r\n" is then cut to "\n".
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=output_columns(id_column), lineterminator="\n")
-    if header:
-        writer.writeheader()
-    writer.writerows({key: spreadsheet_safe(value) for key, value in record.items()} for record in records)
-    return buffer.getvalue()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\r\n")
+    rows = [dict(zip(columns, columns))] if header else []
+    rows += [{key: spreadsheet_safe(_csv_value(value)) for key, value in record.items()} for record in records]
+    lines = []
+    for row in rows:
+        buffer.seek(0)
+        buffer.truncate()
+        writer.writerow(row)
+        lines.append(buffer.getvalue().removesuffix("\r\n") + "\n")
+    return "".join(lines)
+
+
+def _csv_value(value):
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict, bool)) else value
 
 
 def _progress_bar(enabled: bool, total: int | None, initial: int):

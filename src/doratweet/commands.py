@@ -105,7 +105,7 @@ def evaluate_command(args, data_options: dict, bf16: bool | None) -> dict:
 
 
 def predict_command(args, bf16: bool | None) -> None:
-    from .batch_predict import check_output_path, predict_file, progress_file
+    from .batch_predict import check_output_path, is_our_progress_file, predict_file, progress_file
 
     def load_classifier() -> SentimentClassifier:
         classifier = SentimentClassifier.load(args.run or args.adapter, model=args.model, bf16=bf16)
@@ -136,8 +136,11 @@ def predict_command(args, bf16: bool | None) -> None:
     probabilities = classifier.predict_proba(texts)
     text = format_predictions(texts, probabilities, fmt)
     if args.output:
+        progress = progress_file(Path(args.output))
+        ours = is_our_progress_file(progress)  # a user's file under that name is left alone
         write_atomically(args.output, text)
-        progress_file(Path(args.output)).unlink(missing_ok=True)  # it described the file just replaced
+        if ours:
+            progress.unlink()  # it described the file just replaced
     else:
         print(text, end="")
 

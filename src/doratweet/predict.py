@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -160,19 +159,15 @@ def _checked(where: str, text: str) -> str:
 
 def format_predictions(texts: list[str], probabilities: list[dict[str, float]], fmt: str) -> str:
     """Rows of text, label and the three probabilities as jsonl, csv or an aligned table; CSV cells that
-    a spreadsheet would run as a formula are neutralised (batch_predict.spreadsheet_safe)."""
-    from .batch_predict import spreadsheet_safe
+    a spreadsheet would run as a formula are neutralised, and rows end as streamed ones do (batch_predict.csv_rows)."""
+    from .batch_predict import csv_rows
 
     rows = [{"text": t, "label": max(p, key=p.get), **{f"p_{k}": round(v, 4) for k, v in p.items()}}
             for t, p in zip(texts, probabilities)]
     if fmt == "jsonl":
         return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["text", "label"])
-        writer.writeheader()
-        writer.writerows({key: spreadsheet_safe(value) for key, value in row.items()} for row in rows)
-        return buffer.getvalue()
+        return csv_rows(rows, list(rows[0]) if rows else ["text", "label"], header=True)
     lines = [f"{r['label']:<8}  " + "  ".join(f"{k[2:]}={r[k]:.3f}" for k in r if k.startswith("p_")) +
              f"  {r['text'][:80]}" for r in rows]
     return "\n".join(lines) + ("\n" if lines else "")
