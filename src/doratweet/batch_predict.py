@@ -1,19 +1,17 @@
 """File-to-file prediction for inputs of any size: stream, label in batches, append, resume.
 
-`predict_file` first reads the whole input once, a row at a time, to hash it and check every row, so a bad
-row is refused before anything is written. Then it reads the input a batch at a time (.txt and .jsonl line
-by line, .csv with Python's csv, .parquet with pyarrow's `iter_batches`), so memory holds one batch, never
-the file. Each labelled batch is
-appended to the output and flushed, then a progress file beside the output (`.NAME.progress`, replaced
-atomically) records how many rows and bytes are done and the SHA-256 of those bytes, with the SHA-256 of the
-input and the settings that decide the labels and their digits (adapter, options, batch size: padding
-changes the last digits, device). Resuming relies on it: an output is continued only when its progress file
-matches this input and these settings and its first bytes are the ones recorded; what follows them (rows
-written after the last record, a half-written row) is cut off and written again, so a resumed output is byte
-for byte the uninterrupted one. Any other existing file is
-refused unless `overwrite`. When the output is complete its progress file stays, marked complete, so a rerun
-can tell an output that is done from one that was changed since. Rows keep the input's order and its id
-column, when it has one.
+`predict_file` first reads the whole input once, a row at a time, to hash it and check every row, so a bad row
+is refused before anything is written. Then it reads the input a batch at a time (.txt and .jsonl line by
+line, .csv with Python's csv, .parquet with pyarrow's `iter_batches`), so memory holds one batch, never the
+file. Each labelled batch is appended to the output and flushed, then a progress file beside the output
+(`.NAME.progress`, replaced atomically) records how many rows and bytes are done and the SHA-256 of those
+bytes, with the SHA-256 of the input and the settings that decide the labels and their digits (adapter,
+options, batch size: padding changes the last digits, device). Resuming relies on it: an output is continued
+only when its progress file matches this input and these settings and its first bytes are the ones recorded;
+what follows them (rows written after the last record, a half-written row) is cut off and written again, so a
+resumed output is byte for byte the uninterrupted one. Any other existing file is refused unless `overwrite`.
+When the output is complete its progress file stays, marked complete, so a rerun can tell an output that is
+done from one that was changed since. Rows keep the input's order and its id column, when it has one.
 """
 
 from __future__ import annotations
