@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import signal
 import zlib
 
 import httpx
@@ -109,6 +110,82 @@ def test_an_output_that_is_a_folder_is_one_line(tmp_path, capsys, fake, argument
     assert list(folder.iterdir()) == []
 
 
+# --- an --output that cannot be written ----------------------------------------------------------------
+
+
+def _unwritable_outputs(tmp_path):
+    """Paths no one may create a file at: kernel folders, and (unless root, who may write anywhere) a folder
+    without write permission."""
+    paths = [p for p in ("/sys/labels.jsonl", "/proc/1/labels.jsonl") if os.path.isdir(os.path.dirname(p))]
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        paths += [str(locked / "labels.jsonl"), str(locked / "missing" / "labels.jsonl")]
+    return paths
+
+
+@pytest.mark.parametrize("arguments", [["--input", "IN"], ["--input", "IN", "--format", "jsonl", "--overwrite"],
+                                       ["hello there"]], ids=["streamed", "printed from --input", "texts"])
+def test_an_output_that_cannot_be_written_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch,
+                                                                              arguments):
+    (tmp_path / "in.txt").write_text("hello\n")
+    arguments = [str(tmp_path / "in.txt") if a == "IN" else a for a in arguments]
+    loads = []
+    monkeypatch.setattr(SentimentClassifier, "load", classmethod(lambda cls, *a, **k: loads.append(1) or FakeClassifier()))
+    outputs = _unwritable_outputs(tmp_path)
+    assert outputs, "no unwritable folder on this machine"
+    for output in outputs:
+        assert predict(*arguments, "--output", output) == 2
+        message = one_line_error(capsys)
+        assert f"--output {output}: cannot create a file in " in message and "choose another path" in message
+    assert loads == []
+
+
+def test_an_output_in_folders_that_do_not_exist_yet_is_created(tmp_path, fake):
+    (tmp_path / "in.txt").write_text("hello\n")
+    output = tmp_path / "new" / "deeper" / "labels.jsonl"
+    assert predict("--input", tmp_path / "in.txt", "--output", output) == 0
+    assert json.loads(output.read_text())["text"] == "hello"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "new"]
+
+
+# --- an --output that is a symbolic link, a progress file doratweet did not write ------------------------
+
+
+@pytest.mark.parametrize("target", ["elsewhere/labels.jsonl", "existing.jsonl"], ids=["dangling", "to a file"])
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "texts"])
+def test_an_output_that_is_a_symbolic_link_is_refused_naming_the_real_path(tmp_path, capsys, fake, target, streamed):
+    (tmp_path / "in.txt").write_text("hello\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "existing.jsonl").write_text("mine\n")
+    link = tmp_path / "labels.jsonl"
+    link.symlink_to(tmp_path / target)
+    arguments = ["--input", tmp_path / "in.txt"] if streamed else ["hello"]
+    assert predict(*arguments, "--output", link, "--overwrite") == 2
+    message = one_line_error(capsys)
+    assert f"--output {link}: is a symbolic link to {tmp_path / target}" in message
+    assert list((tmp_path / "elsewhere").iterdir()) == [] and (tmp_path / "existing.jsonl").read_text() == "mine\n"
+    assert fake.texts == []
+
+
+def test_a_users_file_under_the_progress_files_name_is_refused_unless_overwrite(tmp_path, capsys, fake):
+    (tmp_path / "in.txt").write_text("hello\n")
+    mine = tmp_path / ".labels.jsonl.progress"
+    mine.write_text("my notes\n")
+    assert predict("--input", tmp_path / "in.txt", "--output", tmp_path / "labels.jsonl") == 2
+    assert ".labels.jsonl.progress: already exists and was not written by doratweet predict" in one_line_error(capsys)
+    assert mine.read_text() == "my notes\n" and not (tmp_path / "labels.jsonl").exists()
+    assert predict("--input", tmp_path / "in.txt", "--output", tmp_path / "labels.jsonl", "--overwrite") == 0
+
+
+def test_printed_output_leaves_a_users_file_under_the_progress_files_name_alone(tmp_path, fake):
+    mine = tmp_path / ".labels.jsonl.progress"
+    mine.write_text("my notes\n")
+    assert predict("hello", "--output", tmp_path / "labels.jsonl") == 0
+    assert mine.read_text() == "my notes\n"
+
+
 # --- an existing file given as --output for texts from arguments or stdin ----------------------------------
 
 
@@ -142,6 +219,34 @@ def test_streamed_csv_output_neutralises_formulas_in_texts_and_ids(tmp_path):
     assert [r["text"] for r in rows] == ["'=1+2", "'+1+2", "'-1+2", "'@SUM(A1)", "'=tab", "'=HYPERLINK(\"http://x\",\"y\")",
                                          "fine"]  # "\t=tab" is stripped like every text, then neutralised
     assert [r["id"] for r in rows] == ["0", "'=1", "2", "'=3", "4", "'=5", "6"]
+
+
+def test_a_carriage_return_inside_a_text_is_quoted_in_streamed_csv(tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_bytes(b"one\rtwo\nplain\n")
+    out = tmp_path / "out.csv"
+    predict_file(source, out, FakeClassifier, progress=False)
+    with out.open(newline="", encoding="utf-8") as handle:
+        assert [r["text"] for r in csv.DictReader(handle)] == ["one\rtwo", "plain"]
+
+
+def test_list_and_object_ids_go_into_csv_as_json_text(tmp_path):
+    source = tmp_path / "in.jsonl"
+    ids = [[1, "a"], {"user": "é", "n": 2}, True, None, 7]
+    source.write_text("".join(json.dumps({"id": i, "text": f"t{n}"}) + "\n" for n, i in enumerate(ids)))
+    out = tmp_path / "out.csv"
+    predict_file(source, out, FakeClassifier, progress=False)
+    assert [r["id"] for r in _csv_cells(out)] == ['[1, "a"]', '{"user": "é", "n": 2}', "true", "", "7"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_printed_and_streamed_output_files_are_byte_for_byte_the_same(tmp_path, fake, fmt):
+    texts = ["I love it", "=formula", "a, \"quoted\" text"]
+    (tmp_path / "in.txt").write_text("".join(t + "\n" for t in texts))
+    assert predict("--input", tmp_path / "in.txt", "--output", tmp_path / f"streamed.{fmt}") == 0
+    assert predict(*texts, "--output", tmp_path / f"printed.{fmt}") == 0
+    printed = (tmp_path / f"printed.{fmt}").read_bytes()
+    assert printed == (tmp_path / f"streamed.{fmt}").read_bytes() and b"\r" not in printed
 
 
 def test_jsonl_output_keeps_texts_as_they_are(tmp_path):
@@ -309,6 +414,25 @@ def test_an_interrupted_streamed_predict_says_to_run_the_same_command_and_that_r
     assert [json.loads(line)["text"] for line in out.read_text().splitlines()] == [f"tweet {i}" for i in range(10)]
 
 
+def test_sigterm_during_a_streamed_predict_exits_143_saying_what_the_output_holds(tmp_path, capsys, monkeypatch):
+    source = tmp_path / "in.txt"
+    source.write_text("".join(f"tweet {i}\n" for i in range(10)))
+    out = tmp_path / "out.jsonl"
+    terminated = FakeClassifier()
+    original = terminated.predict_proba
+
+    def predict_proba(texts):
+        if terminated.calls == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler main() installs raises at the next bytecode
+        return original(texts)
+
+    terminated.predict_proba = predict_proba
+    monkeypatch.setattr(SentimentClassifier, "load", classmethod(lambda cls, *args, **kwargs: terminated))
+    assert predict("--input", source, "--output", out, "--batch-size", "3") == 143
+    assert capsys.readouterr().err == (f"doratweet: stopped by SIGTERM; {out} holds the first 6 rows: run the same "
+                                       "command again to label the rest\n")
+
+
 def test_an_interrupted_printed_predict_does_not_mention_resume(capsys, monkeypatch):
     interrupted = FakeClassifier(interrupt_at=1)
     monkeypatch.setattr(SentimentClassifier, "load", classmethod(lambda cls, *args, **kwargs: interrupted))
@@ -342,3 +466,21 @@ def test_a_utf16_input_of_mostly_non_latin_text_without_a_byte_order_mark_is_nam
     source.write_bytes("中文推文很好\n我讨厌这个天气\n今天真不错\n明天见\n".encode("utf-16-le"))
     assert predict("--input", source, "--output", tmp_path / "out.jsonl") == 2
     assert "the file is UTF-16, not UTF-8" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("encoding, expected", [
+    ("utf-16", "<stdin>: the file is UTF-16, not UTF-8; re-save it as UTF-8"),
+    ("utf-16-le", "<stdin>: the file is UTF-16, not UTF-8; re-save it as UTF-8"),
+    ("latin-1", "<stdin>:2: not valid UTF-8 (byte 0xe9); re-save the file as UTF-8")])
+def test_stdin_in_another_encoding_is_named_as_a_file_would_be(capsys, fake, monkeypatch, encoding, expected):
+    data = "I love it\ncafé was awful\n".encode(encoding)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="surrogateescape"))
+    assert predict("--format", "jsonl") == 2
+    assert expected in one_line_error(capsys)
+    assert fake.texts == []
+
+
+def test_stdin_bytes_with_a_byte_order_mark_are_read_as_utf8(capsys, fake, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\ufeffcafé\nsecond\n".encode()), encoding="utf-8"))
+    assert predict("--format", "jsonl") == 0
+    assert fake.texts == ["café", "second"]

@@ -1,16 +1,17 @@
 """File-to-file prediction for inputs of any size: stream, label in batches, append, resume.
 
-`predict_file` reads the input a batch at a time (.txt and .jsonl line by line, .csv with Python's csv,
-.parquet with pyarrow's `iter_batches`), so memory holds one batch, never the file. Each labelled batch is
-appended to the output and flushed, then a progress file beside the output (`.NAME.progress`, replaced
-atomically) records how many rows and bytes are done and the SHA-256 of those bytes, with the SHA-256 of the
-input and the settings that decide the labels (adapter, options). Resuming relies on it: an output is
-continued only when its progress file matches this input and these settings and its first bytes are the
-ones recorded; what follows them (rows written after the last record, a half-written row) is cut off and
-written again, so a resumed output is byte for byte the uninterrupted one. Any other existing file is
-refused unless `overwrite`. When the output is complete its progress file stays, marked complete, so a rerun
-can tell an output that is done from one that was changed since. Rows keep the input's order and its id
-column, when it has one.
+`predict_file` first reads the whole input once, a row at a time, to hash it and check every row, so a bad row
+is refused before anything is written. Then it reads the input a batch at a time (.txt and .jsonl line by
+line, .csv with Python's csv, .parquet with pyarrow's `iter_batches`), so memory holds one batch, never the
+file. Each labelled batch is appended to the output and flushed, then a progress file beside the output
+(`.NAME.progress`, replaced atomically) records how many rows and bytes are done and the SHA-256 of those
+bytes, with the SHA-256 of the input and the settings that decide the labels and their digits (adapter,
+options, batch size: padding changes the last digits, device). Resuming relies on it: an output is continued
+only when its progress file matches this input and these settings and its first bytes are the ones recorded;
+what follows them (rows written after the last record, a half-written row) is cut off and written again, so a
+resumed output is byte for byte the uninterrupted one. Any other existing file is refused unless `overwrite`.
+When the output is complete its progress file stays, marked complete, so a rerun can tell an output that is
+done from one that was changed since. Rows keep the input's order and its id column, when it has one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -59,35 +61,45 @@ class BatchResult:
 # --- reading the input, one row at a time ----------------------------------------------------------------
 
 
-def iter_input_rows(path: str | os.PathLike, text_column: str = "text", id_column: str | None = "id") -> Iterator[InputRow]:
-    """The input's rows in order; `id_column` is passed through when the file has that column."""
+def iter_input_rows(path: str | os.PathLike, text_column: str = "text", id_column: str | None = "id",
+                    raw_hasher=None) -> Iterator[InputRow]:
+    """The input's rows in order; `id_column` is passed through when the file has that column. A text file's
+    bytes, as they are read, also go to `raw_hasher` (a hashlib object) when one is given."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"--input {path}: no such file; check the path")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return _txt_rows(path)
+        return _txt_rows(path, raw_hasher)
     if suffix in (".jsonl", ".json"):
-        return _jsonl_rows(path, text_column, id_column)
+        return _jsonl_rows(path, text_column, id_column, raw_hasher)
     if suffix == ".csv":
-        return _csv_rows(path, text_column, id_column)
+        return _csv_rows(path, text_column, id_column, raw_hasher)
     if suffix == ".parquet":
         return _parquet_rows(path, text_column, id_column)
     raise UserError(f"--input {path}: unsupported file type {path.suffix or '(none)'!r}; use {', '.join(INPUT_SUFFIXES)}")
 
 
-def _binary_lines(path: Path) -> Iterator[tuple[int, str]]:
+def _binary_lines(path: Path, raw_hasher=None) -> Iterator[tuple[int, str]]:
     """(line number, decoded line) split on '\\n' only: tweets may hold '\\r' or U+2028."""
     with path.open("rb") as handle:
-        check_utf8_encoding(path, handle.read(ENCODING_SNIFF_BYTES))
-        handle.seek(0)
-        for line_number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise UserError(f"{path}:{line_number}: not valid UTF-8 (byte 0x{raw[error.start]:02x}); "
-                                "re-save the file as UTF-8") from None
-            yield line_number, line.removeprefix("\ufeff") if line_number == 1 else line
+        yield from decoded_lines(path, handle, raw_hasher)
+
+
+def decoded_lines(name, handle, raw_hasher=None) -> Iterator[tuple[int, str]]:
+    """The lines of a seekable binary `handle` (a file, or stdin's bytes), each decoded as UTF-8 or refused
+    naming `name` and its line; a UTF-16 file is named as such, and a byte-order mark is dropped."""
+    check_utf8_encoding(name, handle.read(ENCODING_SNIFF_BYTES))
+    handle.seek(0)
+    for line_number, raw in enumerate(handle, start=1):
+        if raw_hasher is not None:
+            raw_hasher.update(raw)
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise UserError(f"{name}:{line_number}: not valid UTF-8 (byte 0x{raw[error.start]:02x}); "
+                            "re-save the file as UTF-8") from None
+        yield line_number, line.removeprefix("\ufeff") if line_number == 1 else line
 
 
 def _checked_text(where: str, value) -> str:
@@ -99,15 +111,15 @@ def _checked_text(where: str, value) -> str:
     return value.strip()
 
 
-def _txt_rows(path: Path) -> Iterator[InputRow]:
+def _txt_rows(path: Path, raw_hasher=None) -> Iterator[InputRow]:
     """One text per line; a blank line is an empty text, so output row N is always input line N."""
-    for line_number, line in _binary_lines(path):
+    for line_number, line in _binary_lines(path, raw_hasher):
         where = f"{path}:{line_number}"
         yield InputRow(where, _checked_text(where, line.rstrip("\n")))
 
 
-def _jsonl_rows(path: Path, text_column: str, id_column: str | None) -> Iterator[InputRow]:
-    for line_number, line in _binary_lines(path):
+def _jsonl_rows(path: Path, text_column: str, id_column: str | None, raw_hasher=None) -> Iterator[InputRow]:
+    for line_number, line in _binary_lines(path, raw_hasher):
         if not line.strip():
             continue
         where = f"{path}:{line_number}"
@@ -121,11 +133,11 @@ def _jsonl_rows(path: Path, text_column: str, id_column: str | None) -> Iterator
         yield InputRow(where, _checked_text(where, record[text_column]), record.get(id_column) if id_column else None)
 
 
-def _csv_rows(path: Path, text_column: str, id_column: str | None) -> Iterator[InputRow]:
+def _csv_rows(path: Path, text_column: str, id_column: str | None, raw_hasher=None) -> Iterator[InputRow]:
     """Python's csv over the file's lines, as data.py reads CSV: each row is named by the line it starts on
     (a quoted text may span lines), every cell stays a string ("NA" stays a tweet), and a line that is not
     UTF-8 is named by `_binary_lines`."""
-    reader = csv.reader((line for _, line in _binary_lines(path)), strict=True)
+    reader = csv.reader((line for _, line in _binary_lines(path, raw_hasher)), strict=True)
     header: list[str] | None = None
     start = 1  # the line the next row starts on
     # csv refuses cells over 128 KiB; a giant text must reach the length check instead, which names its line.
@@ -176,16 +188,6 @@ def _require_column(path: Path, columns: list[str], column: str) -> None:
         raise UserError(f"{path}: no column {column!r} (columns: {available}); choose one with --text-column")
 
 
-def count_input_rows(path: str | os.PathLike) -> int | None:
-    """The number of rows when it is cheap to know (Parquet's metadata), for the progress bar; else None."""
-    path = Path(path)
-    if path.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(path).metadata.num_rows
-    return None
-
-
 # --- the output: rows, and what a partial file already holds -----------------------------------------------
 
 
@@ -232,6 +234,24 @@ def check_output_path(output_path: str | os.PathLike, input_path: str | os.PathL
             and os.path.samefile(input_path, output_path):
         raise UserError(f"--output {output_path}: is the --input file ({input_path}); writing labels there would "
                         "destroy the texts being read; choose another file")
+    if output_path.is_symlink():  # writing through it would create or replace a file somewhere else
+        real = os.path.realpath(output_path)
+        raise UserError(f"--output {output_path}: is a symbolic link to {real}; give that path itself, or "
+                        "another file")
+    if parent is not None:
+        _check_can_create_files_in(output_path, parent)
+
+
+def _check_can_create_files_in(output_path: Path, folder: Path) -> None:
+    """Create and remove a file in the folder the output (or the folders leading to it) will be made in, so
+    that a folder the user may not write (read-only, /sys, /proc) is said before the model loads, not after."""
+    try:
+        handle, name = tempfile.mkstemp(dir=folder, prefix=f".{output_path.name}.", suffix=".check")
+    except OSError as error:
+        raise UserError(f"--output {output_path}: cannot create a file in {folder} ({error.strerror or error}); "
+                        "choose another path, or a folder you may write to") from None
+    os.close(handle)
+    os.unlink(name)
 
 
 def progress_file(output_path: Path) -> Path:
@@ -265,26 +285,29 @@ def predict_file(
     `job` holds whatever else decides the labels (the caller's adapter hash, base model, precision); an
     output written with other values, or from another input, or not by doratweet at all, is refused unless
     `overwrite`. `load_classifier` is called only when there is work to do, so a complete output costs no
-    model load. An interruption is re-raised as a KeyboardInterrupt that says how many rows are kept.
+    model load. An interruption is re-raised as the same kind of KeyboardInterrupt, saying how many rows are kept.
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be 1 or more, got {batch_size}")
     output_path = Path(output_path)
     check_output_path(output_path, input_path)
     fmt = output_format(output_path, fmt)
-    rows = iter_input_rows(input_path, text_column, id_column)
     input_file = Path(input_path).expanduser()
-    first = next(rows, None)
-    if first is None:
+    input_sha256, total = _check_every_row(input_file, text_column, id_column)
+    if total == 0:
         raise UserError(f"--input {input_path}: no texts to classify; put one text per line (.txt) or one per row")
+    rows = iter_input_rows(input_file, text_column, id_column)
+    first = next(rows)
     kept_id = id_column if id_column and first.row_id is not None else None
     rows = _chain_first(first, rows)
 
     record = {"written_by": PROGRESS_WRITER,
-              "input": {"bytes": input_file.stat().st_size, "sha256": _sha256(input_file).hexdigest()},
+              "input": {"bytes": input_file.stat().st_size, "sha256": input_sha256},
               "settings": {"--text-column": text_column, "--id-column": id_column, "--format": fmt,
-                           "doratweet": __version__, **(job or {})}}
+                           "--batch-size": batch_size, "doratweet": __version__, **(job or {})}}
     progress_path = progress_file(output_path)
+    if not output_path.exists() and not overwrite:
+        check_progress_file_is_ours(progress_path)
     done = None
     if output_path.exists() and not overwrite:
         done = _resumable(output_path, progress_path, record, input_path)
@@ -309,7 +332,7 @@ def predict_file(
         classifier = load_classifier() if first_batch else None
         output_path.parent.mkdir(parents=True, exist_ok=True)
         save_progress()  # before the output is created or cut, so an output on disk always has its record
-        with output_path.open("ab") as out, _progress_bar(progress, count_input_rows(input_file), skipped) as bar:
+        with output_path.open("ab") as out, _progress_bar(progress, total, skipped) as bar:
             out.truncate(size)  # what follows the recorded rows: rows not yet recorded, a half-written row
             for batch in _chain_first(first_batch, _batches(rows, batch_size)) if first_batch else ():
                 probabilities = classifier.predict_proba([row.text for row in batch])
@@ -322,10 +345,32 @@ def predict_file(
                 save_progress()
                 bar.update(len(batch))
         save_progress(complete=True)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"{output_path} holds the first {skipped + written} rows: run the same command "
+    except KeyboardInterrupt as interrupt:  # its type says Ctrl-C or SIGTERM (stopping.Terminated): keep it
+        raise type(interrupt)(f"{output_path} holds the first {skipped + written} rows: run the same command "
                                 "again to label the rest") from None
     return BatchResult(written=written, skipped=skipped, already_complete=False)
+
+
+def _check_every_row(input_file: Path, text_column: str, id_column: str | None) -> tuple[str, int]:
+    """The input's SHA-256 and row count, from one read that also checks every row (encoding, columns, the
+    text rule), so that a bad row anywhere is refused before the output or its progress file exists: a
+    partial output would tie the corrected input to a refusal ("written from another --input")."""
+    hasher = hashlib.sha256()
+    total = sum(1 for _ in iter_input_rows(input_file, text_column, id_column, raw_hasher=hasher))
+    if input_file.suffix.lower() == ".parquet":  # pyarrow reads columns, not the file's bytes in order
+        hasher = _sha256(input_file)
+    return hasher.hexdigest(), total
+
+
+def check_progress_file_is_ours(progress_path: Path) -> None:
+    """Refuse to replace a file under the progress file's name that doratweet did not write (a user's own)."""
+    if (progress_path.exists() or progress_path.is_symlink()) and _read_record(progress_path) is None:
+        raise UserError(f"{progress_path}: already exists and was not written by doratweet predict, which keeps "
+                        "its progress there; move it away, or pass --overwrite to replace it")
+
+
+def is_our_progress_file(progress_path: Path) -> bool:
+    return _read_record(progress_path) is not None
 
 
 def _resumable(output_path: Path, progress_path: Path, record: dict, input_path) -> _Progress:
@@ -389,12 +434,30 @@ def _format_rows(records: list[dict], fmt: str, id_column: str | None, header: b
     """Rows as text; every row, CSV or JSON Lines, ends with '\\n'. CSV cells are made spreadsheet-safe."""
     if fmt == "jsonl":
         return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    return csv_rows(records, output_columns(id_column), header)
+
+
+def csv_rows(records: list[dict], columns: list[str], header: bool) -> str:
+    """CSV text ending each row with '\\n', printed or streamed alike. A list, object or boolean (a JSON
+    Lines id) is written as JSON text, not as Python would print it; cells are made spreadsheet-safe."""
+    # csv quotes a cell holding a character of its line terminator: with "\r\n" both '\r' and '\n' inside a
+    # text are quoted (with "\n" a bare '\r' would not be, and readers would split the row there). Each row's
+    # own "\r\n" is then cut to "\n".
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=output_columns(id_column), lineterminator="\n")
-    if header:
-        writer.writeheader()
-    writer.writerows({key: spreadsheet_safe(value) for key, value in record.items()} for record in records)
-    return buffer.getvalue()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\r\n")
+    rows = [dict(zip(columns, columns))] if header else []
+    rows += [{key: spreadsheet_safe(_csv_value(value)) for key, value in record.items()} for record in records]
+    lines = []
+    for row in rows:
+        buffer.seek(0)
+        buffer.truncate()
+        writer.writerow(row)
+        lines.append(buffer.getvalue().removesuffix("\r\n") + "\n")
+    return "".join(lines)
+
+
+def _csv_value(value):
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict, bool)) else value
 
 
 def _progress_bar(enabled: bool, total: int | None, initial: int):

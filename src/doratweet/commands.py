@@ -105,7 +105,7 @@ def evaluate_command(args, data_options: dict, bf16: bool | None) -> dict:
 
 
 def predict_command(args, bf16: bool | None) -> None:
-    from .batch_predict import check_output_path, predict_file, progress_file
+    from .batch_predict import check_output_path, is_our_progress_file, predict_file, progress_file
 
     def load_classifier() -> SentimentClassifier:
         classifier = SentimentClassifier.load(args.run or args.adapter, model=args.model, bf16=bf16)
@@ -117,7 +117,8 @@ def predict_command(args, bf16: bool | None) -> None:
     if args.input and args.input != "-" and args.output and not args.texts and args.format != "table":
         # File to file: streamed in batches and appended, so any size fits in memory and a rerun resumes.
         job = {"adapter": adapter_sha256(adapter_folder(args.run or args.adapter)), "--model": args.model,
-               "--precision": args.precision}
+               "--precision": args.precision,
+               "device": default_device().type}  # a GPU's sums round differently: its digits are not the CPU's
         result = predict_file(args.input, args.output, load_classifier, text_column=args.text_column,
                               id_column=args.id_column or None, fmt=args.format, batch_size=args.batch_size,
                               overwrite=args.overwrite, progress=not args.quiet, job=job)
@@ -135,8 +136,11 @@ def predict_command(args, bf16: bool | None) -> None:
     probabilities = classifier.predict_proba(texts)
     text = format_predictions(texts, probabilities, fmt)
     if args.output:
+        progress = progress_file(Path(args.output))
+        ours = is_our_progress_file(progress)  # a user's file under that name is left alone
         write_atomically(args.output, text)
-        progress_file(Path(args.output)).unlink(missing_ok=True)  # it described the file just replaced
+        if ours:
+            progress.unlink()  # it described the file just replaced
     else:
         print(text, end="")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -130,7 +129,7 @@ def base_model_spec(config) -> str:
 def read_prediction_input(path: str | None, texts: list[str], text_column: str = "text") -> list[str]:
     """Texts from arguments, a file (.txt one per line, .csv, .jsonl, .parquet) or stdin ('-' or nothing; one
     per line, as in a .txt file), each checked by the rule of texts.py and stripped, before any model loads."""
-    from .batch_predict import iter_input_rows
+    from .batch_predict import decoded_lines, iter_input_rows
 
     if texts:
         return [_checked(f"TEXT {number}", text) for number, text in enumerate(texts, start=1)]
@@ -141,9 +140,13 @@ def read_prediction_input(path: str | None, texts: list[str], text_column: str =
         return found
     if sys.stdin is None or sys.stdin.isatty():
         raise UserError("predict: give texts as arguments, --input FILE, or pipe them on stdin")
-    lines = sys.stdin.read().split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is not None:  # the bytes, so stdin's encoding is checked as a file's is (UTF-16, not UTF-8 at line N)
+        lines = [line.removesuffix("\n") for _, line in decoded_lines("<stdin>", io.BytesIO(raw.read()))]
+    else:  # a text stream with no bytes under it (a program that replaced sys.stdin): already decoded
+        lines = sys.stdin.read().split("\n")
+        if lines[-1] == "":
+            lines.pop()  # the newline that ends the last line
     return [_checked(f"<stdin>:{number}", line) for number, line in enumerate(lines, start=1)]
 
 
@@ -156,19 +159,15 @@ def _checked(where: str, text: str) -> str:
 
 def format_predictions(texts: list[str], probabilities: list[dict[str, float]], fmt: str) -> str:
     """Rows of text, label and the three probabilities as jsonl, csv or an aligned table; CSV cells that
-    a spreadsheet would run as a formula are neutralised (batch_predict.spreadsheet_safe)."""
-    from .batch_predict import spreadsheet_safe
+    a spreadsheet would run as a formula are neutralised, and rows end as streamed ones do (batch_predict.csv_rows)."""
+    from .batch_predict import csv_rows
 
     rows = [{"text": t, "label": max(p, key=p.get), **{f"p_{k}": round(v, 4) for k, v in p.items()}}
             for t, p in zip(texts, probabilities)]
     if fmt == "jsonl":
         return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["text", "label"])
-        writer.writeheader()
-        writer.writerows({key: spreadsheet_safe(value) for key, value in row.items()} for row in rows)
-        return buffer.getvalue()
+        return csv_rows(rows, list(rows[0]) if rows else ["text", "label"], header=True)
     lines = [f"{r['label']:<8}  " + "  ".join(f"{k[2:]}={r[k]:.3f}" for k in r if k.startswith("p_")) +
              f"  {r['text'][:80]}" for r in rows]
     return "\n".join(lines) + ("\n" if lines else "")
