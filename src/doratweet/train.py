@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .adapters import DEFAULT_TARGETS, add_adapters, adapter_parameters, get_adapter_config, save_adapter
-from .adapters.inject import adapter_state_dict, check_rank_fits
+from .adapters.inject import adapter_state_dict, check_rank_fits, copy_adapter_tensors
 from .checkpoints import (
     checkpoint_folders,
     load_latest_checkpoint,
@@ -473,9 +473,8 @@ def _load_adapter_weights(model, adapter_dir: Path) -> None:
     # Rank 0 reads (only its disk is sure to hold the run folder) and hands the tensors to the others.
     saved = distributed.broadcast_from_main(
         load_file(adapter_dir / "adapter_model.safetensors") if distributed.is_main_process() else None)
-    with distributed.whole_adapter(model), torch.no_grad():
-        for key, tensor in adapter_state_dict(model).items():
-            tensor.copy_(saved[key])
+    with distributed.whole_adapter(model):
+        copy_adapter_tensors(model, saved, adapter_dir)
 
 
 def _resume_relevant(config: TrainConfig) -> dict:
@@ -532,9 +531,9 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, config: TrainCon
     changed = [k for k in current if k in written and written[k] != current[k]]
     if changed:
         raise UserError(f"--resume: options differ from the checkpoint's ({', '.join(changed)}); use the same options")
-    with distributed.whole_adapter(model), torch.no_grad():
-        for key, tensor in adapter_state_dict(model).items():
-            tensor.copy_(tensors[f"adapter.{key}"])
+    with distributed.whole_adapter(model):
+        adapter = {k.removeprefix("adapter."): v for k, v in tensors.items() if k.startswith("adapter.")}
+        copy_adapter_tensors(model, adapter, folder)
     optimizer_state = optimizer_from_files(tensors, saved["optimizer"])
     params = optimizer.param_groups[0]["params"]
     for index, per_param in optimizer_state["state"].items():  # whole moments -> this rank's shards (FSDP)

@@ -61,8 +61,12 @@ class DoRALinear(LowRankAdapter):
         sq_norm = self.weight_sq_norm + 2 * s * cross + s * s * quad
         return sq_norm.clamp_min(0).sqrt().clamp_min(_NORM_FLOOR)
 
+    def scale(self) -> torch.Tensor:
+        """g = m / ||W + sBA|| per output row, in fp32 (or wider); gradients reach m through it, never the norm."""
+        return self.magnitude / self.weight_norm()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.magnitude / self.weight_norm()  # m / ||W + sBA||, in fp32; gradients reach m through g
+        g = self.scale()
         bias = self.base.bias
         if self.training and isinstance(self.dropout, nn.Dropout):
             g = g.to(x.dtype)
@@ -77,8 +81,7 @@ class DoRALinear(LowRankAdapter):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         direction = fp32_or_wider(self.base.weight) + self.scaling * (self.lora_B @ self.lora_A)
-        g = self.magnitude / self.weight_norm()
-        return (g[:, None] * direction).to(self.base.weight.dtype)
+        return (self.scale()[:, None] * direction).to(self.base.weight.dtype)
 
 
 class DoRAFunction(torch.autograd.Function):

@@ -221,15 +221,21 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, dropout: float | Non
             f"{weights_file}: {len(missing)} adapter tensors missing and {len(unexpected)} not in this model "
             f"(e.g. {example}); wrong base model?"
         )
+    copy_adapter_tensors(model, saved, weights_file)
+    return model
+
+
+def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Copy `tensors` (named as `adapter_state_dict` names them) into the model's adapter weights, in place: the
+    one way an adapter folder, a run's best adapter and a checkpoint put weights into a model."""
     with torch.no_grad():
-        for key, target in expected.items():
-            if saved[key].shape != target.shape:
+        for key, target in adapter_state_dict(model).items():
+            if tensors[key].shape != target.shape:
                 raise UserError(
-                    f"{weights_file}: {key} has shape {tuple(saved[key].shape)}, the model needs "
+                    f"{source}: {key} has shape {tuple(tensors[key].shape)}, the model needs "
                     f"{tuple(target.shape)}; the adapter was trained on another base model"
                 )
-            target.copy_(saved[key])
-    return model
+            target.copy_(tensors[key])
 
 
 _FINGERPRINT_MODULES = 4  # adapted linears sampled
