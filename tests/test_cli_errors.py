@@ -253,3 +253,11 @@ def test_a_target_pattern_never_wraps_the_output_head():
 def test_the_largest_rank_the_layers_allow_is_accepted(tiny_model_dir, tiny_data_dir, tmp_path):
     # k_proj and v_proj map 64 features to 32 (2 key-value heads of 16) in the tiny model
     assert main(train_args(tiny_model_dir, tiny_data_dir, tmp_path / "run", "--rank", "32")) == 0
+
+
+def test_the_first_line_of_an_error_is_its_message_up_to_the_first_newline_or_empty():
+    from doratweet.errors import first_line
+
+    assert first_line(RuntimeError("  disk full\n  at write()\n")) == "disk full"
+    assert first_line(RuntimeError("")) == "" and first_line(RuntimeError("\n\n")) == ""  # was an IndexError in push
+    assert first_line(ValueError("x" * 500), 200) == "x" * 200

@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, first_line
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .stopping import Terminated, sigterm_as_interrupt
 from .train import MAX_COUNT, TrainConfig
@@ -267,8 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a bug, or the system (disk full, out of memory): one line unless --debug
         if args.debug:
             raise
-        first_line = (str(err).strip().splitlines() or [""])[0]
-        print(f"doratweet: error: {type(err).__name__}: {first_line} (rerun with --debug for the traceback; "
+        print(f"doratweet: error: {type(err).__name__}: {first_line(err)} (rerun with --debug for the traceback; "
               "if it is a bug, please report it with that)", file=sys.stderr)
         return 1
 

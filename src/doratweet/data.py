@@ -41,7 +41,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import LABELS
-from .errors import UserError
+from .errors import UserError, first_line
 from .texts import MAX_TEXT_CHARS  # a text far longer than a tweet is a bad row, not data (see texts.py)
 
 log = logging.getLogger("doratweet.data")
@@ -284,7 +284,7 @@ def _load_hub(skip_bad_rows: bool) -> list[Split]:
 
         dataset_dict = datasets.load_dataset(HUB_ID, HUB_CONFIG)
     except Exception as error:  # no internet, no cache, hub down, datasets missing: all mean "use a local copy"
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        reason = first_line(error, 200)
         raise UserError(
             f"could not load {source} from the Hugging Face Hub ({type(error).__name__}: {reason}); "
             f"pass --data PATH or set DORATWEET_DATA to a TweetEval folder (e.g. .../tweeteval/sentiment) "
@@ -537,7 +537,7 @@ def _read_parquet(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
     try:
         frame = pd.read_parquet(path)
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        reason = first_line(error, 200)
         raise UserError(f"{path}: not a readable Parquet file ({reason}); re-export it or use .csv/.jsonl")
     # Parquet has no lines; name the 1-based row instead.
     rows = [(f"{path} row {index + 1}", record) for index, record in enumerate(frame.to_dict("records"))]

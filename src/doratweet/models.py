@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 log = logging.getLogger("doratweet.models")
 
@@ -168,7 +168,8 @@ def _load_folder(folder: Path, dtype, trust_remote_code, base_model_id: str | No
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(f"--model {folder}: not a loadable model folder ({_first_line(err)})") from err
+        reason = first_line(err) or type(err).__name__
+        raise UserError(f"--model {folder}: not a loadable model folder ({reason})") from err
     return BaseModel(model, tokenizer, base_model_id, str(folder))
 
 
@@ -197,9 +198,10 @@ def _load_hub(model_id: str, dtype, trust_remote_code) -> BaseModel:
         tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
+        reason = first_line(err) or type(err).__name__
         raise UserError(
             f"--model {model_id}: not the embedded name '{EMBEDDED_NAME}', not a .gguf file, not a local folder, "
-            f"and the Hugging Face Hub could not provide it ({_first_line(err)}); check the spelling or your network"
+            f"and the Hugging Face Hub could not provide it ({reason}); check the spelling or your network"
         ) from err
     return BaseModel(model, tokenizer, model_id, f"hub:{model_id}")
 
@@ -208,8 +210,3 @@ def _ensure_pad_token(tokenizer) -> None:
     # Batching needs a pad id; its value never matters because padded positions are masked out.
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -16,7 +16,7 @@ import logging
 import re
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .run_folder import is_png
 from .report import (
     ADAPTER_CONFIG_FILE,
@@ -153,7 +153,7 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool = False, dry_ru
     except LocalTokenNotFoundError:
         raise UserError("push: no Hugging Face token; run `hf auth login` or set HF_TOKEN, then push again") from None
     except HfHubHTTPError as error:
-        reason = str(error).strip().splitlines()[0]
+        reason = first_line(error) or type(error).__name__
         raise UserError(f"push --repo {repo_id}: the Hub refused ({reason}); check the token's write access "
                         "and the repo name") from None
     except OSError as error:  # no network, DNS, offline mode

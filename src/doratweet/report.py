@@ -22,7 +22,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from . import LABELS
-from .errors import UserError
+from .errors import UserError, first_line
 from .files import write_atomically
 from .run_folder import is_own_card, refuse_foreign_plots, refuse_links, refuse_to_replace
 
@@ -261,7 +261,7 @@ def _read_json(path: Path, what_to_do: str):
     except json.JSONDecodeError as error:
         raise UserError(f"{path}:{error.lineno}: invalid JSON ({error.msg}); {what_to_do}") from None
     except (ValueError, RecursionError) as error:  # a number past Python's digit limit; nesting too deep
-        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).splitlines()[0]
+        reason = "nested too deeply" if isinstance(error, RecursionError) else first_line(error)
         raise UserError(f"{path}: invalid JSON ({reason}); {what_to_do}") from None
 
 
