@@ -42,6 +42,19 @@ class CountingClassifier:
         return self.inner.predict_proba(texts)
 
 
+class BlockedClassifier(CountingClassifier):
+    """Holds every forward pass until `release` is set (`entered` tells one has begun): a worker kept busy."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.release, self.entered = threading.Event(), threading.Event()
+
+    def predict_proba(self, texts):
+        self.entered.set()
+        assert self.release.wait(10), "the test never released the worker"
+        return super().predict_proba(texts)
+
+
 def request(app, method: str, url: str, **options) -> httpx.Response:
     async def send():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
@@ -136,15 +149,8 @@ def test_a_huge_body_is_413_before_it_is_parsed(classifier):
 
 
 def test_a_full_queue_is_503_with_retry_after(classifier):
-    release, entered = threading.Event(), threading.Event()
-
-    class BlockedClassifier(CountingClassifier):
-        def predict_proba(self, texts):
-            entered.set()
-            assert release.wait(10), "the test never released the worker"
-            return super().predict_proba(texts)
-
     blocked = BlockedClassifier(classifier)
+    release, entered = blocked.release, blocked.entered
     app = create_app(blocked, max_batch=1, max_wait_ms=0, queue_size=1)
 
     async def scenario():
@@ -304,15 +310,9 @@ def test_head_is_answered_like_get_without_a_body(classifier, run_dir, url):
 # ---- shutting down: SIGTERM (kill, docker stop, systemd) and Ctrl-C ----
 
 def test_draining_refuses_new_requests_and_by_the_deadline_the_unanswered_ones_with_503(classifier):
-    release, entered = threading.Event(), threading.Event()
-
-    class StuckClassifier(CountingClassifier):
-        def predict_proba(self, texts):
-            entered.set()
-            assert release.wait(10), "the test never released the worker"
-            return super().predict_proba(texts)
-
-    app = create_app(StuckClassifier(classifier), max_batch=1, max_wait_ms=0)
+    stuck = BlockedClassifier(classifier)
+    release, entered = stuck.release, stuck.entered
+    app = create_app(stuck, max_batch=1, max_wait_ms=0)
 
     async def scenario():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:

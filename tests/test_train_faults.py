@@ -142,11 +142,12 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_exits_130(uninterrupted
 
 
 @pytest.mark.slow
-def test_a_second_ctrl_c_stops_at_once_with_a_checkpoint_of_the_last_whole_step(
-        uninterrupted, tiny_model_dir, tiny_data_dir, tmp_path):
+@pytest.mark.parametrize("how, status", [("ctrl-c-twice", 130), ("sigterm-twice", 128 + signal.SIGTERM)])
+def test_a_second_ctrl_c_or_sigterm_stops_at_once_with_a_checkpoint_of_the_last_whole_step(
+        how, status, uninterrupted, tiny_model_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "run"
-    stopped = run_dying("ctrl-c-twice", 5, train_args(tiny_model_dir, tiny_data_dir, out))
-    assert stopped.returncode == 130
+    stopped = run_dying(how, 5, train_args(tiny_model_dir, tiny_data_dir, out))
+    assert stopped.returncode == status, stopped.stderr
     assert checkpoint_folders(out / "checkpoint")[0].name == "step-00000004"
     assert main(train_args(tiny_model_dir, tiny_data_dir, out, "--resume")) == 0
     assert_same_run(out, uninterrupted)
@@ -163,17 +164,6 @@ def test_sigterm_finishes_the_step_saves_a_checkpoint_and_exits_143(uninterrupte
     assert stopped.stderr.splitlines()[-1] == (f"doratweet: stopped by SIGTERM; the last good checkpoint, {kept}, is "
                                                "kept (continue from it with --resume)")
     assert checkpoint_folders(out / "checkpoint")[0].name == "step-00000005"
-    assert main(train_args(tiny_model_dir, tiny_data_dir, out, "--resume")) == 0
-    assert_same_run(out, uninterrupted)
-
-
-@pytest.mark.slow
-def test_a_second_sigterm_stops_at_once_with_a_checkpoint_of_the_last_whole_step(
-        uninterrupted, tiny_model_dir, tiny_data_dir, tmp_path):
-    out = tmp_path / "run"
-    stopped = run_dying("sigterm-twice", 5, train_args(tiny_model_dir, tiny_data_dir, out))
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
-    assert checkpoint_folders(out / "checkpoint")[0].name == "step-00000004"
     assert main(train_args(tiny_model_dir, tiny_data_dir, out, "--resume")) == 0
     assert_same_run(out, uninterrupted)
 
