@@ -32,7 +32,8 @@ from machine import describe, machine
 from doratweet.adapters import DEFAULT_TARGETS, add_adapters, adapter_parameters
 from doratweet.data import load_data
 from doratweet.evaluate import classification_metrics, common_prefix, probabilities_from_scores, score_labels
-from doratweet.hardware import default_device, inference_model
+from doratweet.evaluate import inference_model
+from doratweet.hardware import default_device
 from doratweet.models import load_base_model
 from doratweet.prompts import IGNORE_INDEX, make_prompt_format
 from doratweet.train import answer_loss, encode_split, epoch_batches, lr_factor, right_pad
@@ -103,7 +104,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     ours = copy.deepcopy(base.model)
-    add_adapters(ours, "dora", rank=16, alpha=32, dropout=0.0, targets=DEFAULT_TARGETS)
+    add_adapters(ours, method="dora", rank=16, alpha=32, dropout=0.0, targets=DEFAULT_TARGETS)
     from peft import LoraConfig, get_peft_model
 
     theirs = get_peft_model(copy.deepcopy(base.model), LoraConfig(

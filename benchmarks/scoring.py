@@ -34,7 +34,8 @@ from machine import describe, machine
 
 from doratweet.data import load_split
 from doratweet.evaluate import score_labels, split_model
-from doratweet.hardware import default_device, inference_model
+from doratweet.evaluate import inference_model
+from doratweet.hardware import default_device
 from doratweet.models import load_base_model
 from doratweet.prompts import make_prompt_format
 

@@ -40,7 +40,7 @@ def measure(precision: str, data: str, steps: int, batch_size: int, profiler=Non
     prefix = common_prefix(fmt, [ids for ids, _ in examples])
     model = base.model
     torch.manual_seed(0)
-    add_adapters(model, "dora", rank=16, alpha=32, dropout=0.0, targets=DEFAULT_TARGETS)
+    add_adapters(model, method="dora", rank=16, alpha=32, dropout=0.0, targets=DEFAULT_TARGETS)
     if precision == "bf16 weights + autocast":
         for parameter in model.parameters():
             if not parameter.requires_grad:

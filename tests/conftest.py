@@ -1,4 +1,5 @@
-"""Tiny offline models and data the tests build themselves: nothing here touches the network."""
+"""Fixtures: tiny offline models, data and a run folder the tests build themselves (tests/helpers.py); nothing
+here touches the network."""
 
 from __future__ import annotations
 
@@ -12,79 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-TWEETS = [
-    ("I love this phone, best purchase ever", 2),
-    ("worst service I have ever had, never again", 0),
-    ("The meeting is at 5pm tomorrow", 1),
-    ("so happy with the new update :)", 2),
-    ("this traffic is terrible and I am late", 0),
-    ("Apple announces the event date for September", 1),
-    ("what a great game last night!", 2),
-    ("I hate waiting in line for hours", 0),
-    ("The store opens at nine on Sundays", 1),
-    ("amazing concert, thank you all", 2),
-    ("my flight got cancelled again, awful", 0),
-    ("New episode airs on Friday", 1),
-]
-
-
-def build_tokenizer():
-    """A small byte-level BPE with ChatML special tokens, trained on the tweets above."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    corpus = [t for t, _ in TWEETS] + ["negative neutral positive system user assistant"] * 5
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        bos_token="<|im_start|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-        chat_template=CHATML,
-    )
-
-
-def tiny_config(arch: str, vocab_size: int):
-    from transformers import LlamaConfig, MistralConfig
-
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,  # wide enough that the tied output head can express confident answers
-    )
-    if arch == "llama":
-        return LlamaConfig(**common, tie_word_embeddings=True)
-    return MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
-
-
-def build_tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A tiny random model; float64 for the tests that compare two computations of the same numbers (the
-    rounding of other summation orders is then ~1e-16, whatever the CPU)."""
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer))).to(dtype)
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer
+from helpers import TWEETS, build_tiny_model  # noqa: E402  (after the offline switches)
 
 
 @pytest.fixture(scope="session")

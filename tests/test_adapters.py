@@ -15,7 +15,7 @@ import re
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from helpers import build_tiny_model
 from helpers import norms_in_the_models_dtype
 from torch import nn
 
@@ -413,7 +413,7 @@ def test_the_package_never_unpickles():
 
 
 def test_a_failed_save_keeps_the_previous_adapter_whole(tmp_path, monkeypatch):
-    import doratweet.adapters.inject as inject
+    import doratweet.adapters.peft_format as peft_format
 
     model, _ = build_tiny_model()
     add_adapters(model, rank=4, alpha=8)
@@ -424,7 +424,7 @@ def test_a_failed_save_keeps_the_previous_adapter_whole(tmp_path, monkeypatch):
         open(filename, "wb").write(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(inject, "save_file", disk_full)
+    monkeypatch.setattr(peft_format, "save_file", disk_full)
     randomise_adapters(model)
     with pytest.raises(OSError, match="No space left"):
         save_adapter(model, tmp_path / "a")

@@ -3,7 +3,7 @@
 import shutil
 
 import pytest
-from conftest import TWEETS
+from helpers import TWEETS
 
 from doratweet.cli import main
 from doratweet.predict import SentimentClassifier
@@ -225,7 +225,7 @@ def test_overwrite_leaves_files_under_other_names_alone(tiny_model_dir, tiny_dat
 
 
 def test_every_target_an_error_lists_can_be_adapted(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
-    from conftest import build_tiny_model
+    from helpers import build_tiny_model
 
     from doratweet.adapters import add_adapters
     from doratweet.adapters.inject import adapter_modules
@@ -234,19 +234,19 @@ def test_every_target_an_error_lists_can_be_adapted(tiny_model_dir, tiny_data_di
     listed = one_error_line(capsys).rstrip().rsplit("are: ", 1)[1].split(", ")
     assert "lm_head" not in listed and "q_proj" in listed
     model, tokenizer = build_tiny_model()
-    add_adapters(model, "dora", rank=4, alpha=8, targets=tuple(listed))
+    add_adapters(model, method="dora", rank=4, alpha=8, targets=tuple(listed))
     assert {name.rsplit(".", 1)[1] for name in adapter_modules(model)} == set(listed)
     assert model(**tokenizer(["good day"], return_tensors="pt")).logits.isfinite().all()
 
 
 def test_a_target_pattern_never_wraps_the_output_head():
-    from conftest import build_tiny_model
+    from helpers import build_tiny_model
 
     from doratweet.adapters import add_adapters
     from doratweet.adapters.inject import adapter_modules
 
     model, _ = build_tiny_model()
-    add_adapters(model, "lora", rank=4, alpha=8, targets=r".*")
+    add_adapters(model, method="lora", rank=4, alpha=8, targets=r".*")
     assert adapter_modules(model) and "lm_head" not in adapter_modules(model)
 
 

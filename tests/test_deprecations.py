@@ -11,7 +11,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from conftest import TWEETS, build_tiny_model
+from helpers import TWEETS, build_tiny_model
 
 import doratweet
 from doratweet.cli import main
@@ -19,7 +19,9 @@ from doratweet.data import Split
 from doratweet.evaluate import predict
 from doratweet.predict import SentimentClassifier
 from doratweet.prompts import make_prompt_format
-from doratweet.train import TrainConfig, train
+from doratweet.adapters import AdapterConfig
+from doratweet.config import TrainConfig
+from doratweet.train import train
 
 PACKAGE = str(Path(doratweet.__file__).parent)
 
@@ -47,7 +49,7 @@ def test_training_with_validation_calls_nothing_deprecated(tmp_path):
     model, tokenizer = build_tiny_model()
     train_split = Split("train", [t for t, _ in TWEETS], [y for _, y in TWEETS], "test")
     val_split = Split("validation", [t for t, _ in TWEETS[:6]], [y for _, y in TWEETS[:6]], "test")
-    config = TrainConfig(rank=4, alpha=8, batch_size=4, max_steps=2, eval_every=1)
+    config = TrainConfig(AdapterConfig(rank=4, alpha=8, dropout=0.05), batch_size=4, max_steps=2, eval_every=1)
     with deprecations_raised_by_doratweet() as found:
         train(model, make_prompt_format(tokenizer), train_split, val_split, config, tmp_path / "run", progress=False)
     assert found == []

@@ -24,7 +24,7 @@ import sys
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from helpers import build_tiny_model
 from helpers import models_in_float64
 from safetensors.torch import load_file
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import TWEETS, build_tiny_model
+from helpers import TWEETS, build_tiny_model
 from helpers import norms_in_the_models_dtype
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, recall_score
 
@@ -94,7 +94,7 @@ def test_scores_that_overflow_in_half_precision_are_an_error_not_a_label():
 
 
 def test_bf16_inference_keeps_the_output_head_in_fp32_and_both_modes_work():
-    from doratweet.hardware import inference_model
+    from doratweet.evaluate import inference_model
 
     model, tokenizer = build_tiny_model()
     fmt = make_prompt_format(tokenizer)

@@ -8,7 +8,7 @@ What a user with internet runs (docs/results.md has the result row, "not run her
 import json
 
 import pytest
-from conftest import CHATML, TWEETS
+from helpers import CHATML, TWEETS
 
 from doratweet.cli import main
 from doratweet.predict import SentimentClassifier

@@ -241,7 +241,7 @@ def test_overwrite_never_follows_a_link_out_of_the_run_folder(tiny_run_dir, tmp_
 
 
 def test_resume_refuses_a_folder_of_the_run_that_is_a_link_before_writing(tiny_run_dir, tmp_path):
-    from doratweet.pipeline import check_out_dir
+    from doratweet.run_folder import check_out_dir
 
     elsewhere = tmp_path / "my-plots"
     elsewhere.mkdir()
@@ -293,7 +293,7 @@ def test_overwrite_removes_leftovers_named_as_an_atomic_write_makes_them(tiny_ru
 
 
 def test_writing_a_run_file_never_writes_through_a_link_at_its_temporary_name(tmp_path):
-    from doratweet.pipeline import write_json, write_label_ids
+    from doratweet.run_folder import write_json, write_label_ids
 
     mine = tmp_path / "mine.txt"
     mine.write_text("my notes")

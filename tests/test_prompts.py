@@ -1,6 +1,6 @@
 """Prompts come from the model's own chat template; the loss covers the answer tokens only."""
 
-from conftest import TWEETS, build_tokenizer
+from helpers import TWEETS, build_tokenizer
 
 from doratweet import LABELS
 from doratweet.prompts import IGNORE_INDEX, make_prompt_format, training_example

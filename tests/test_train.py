@@ -5,13 +5,15 @@ import shutil
 
 import pytest
 import torch
-from conftest import TWEETS, build_tiny_model
+from helpers import TWEETS, build_tiny_model
 from helpers import norms_in_the_models_dtype
 from safetensors.torch import load_file
 
 from doratweet.data import Split
 from doratweet.prompts import make_prompt_format
-from doratweet.train import TrainConfig, epoch_batches, train
+from doratweet.adapters import AdapterConfig
+from doratweet.config import TrainConfig
+from doratweet.train import epoch_batches, train
 
 TRAIN = Split("train", [t for t, _ in TWEETS], [y for _, y in TWEETS], "test")
 VAL = Split("validation", [t for t, _ in TWEETS[:6]], [y for _, y in TWEETS[:6]], "test")
@@ -19,7 +21,7 @@ VAL = Split("validation", [t for t, _ in TWEETS[:6]], [y for _, y in TWEETS[:6]]
 
 def run(tmp_path, name, resume=False, on_step=None, lr=5e-3, val=None, **options):
     model, tokenizer = build_tiny_model()
-    config = TrainConfig(rank=4, alpha=8, batch_size=4, lr=lr, dropout=0.1, log_every=1, **options)
+    config = TrainConfig(AdapterConfig(rank=4, alpha=8, dropout=0.1), batch_size=4, lr=lr, log_every=1, **options)
     summary = train(model, make_prompt_format(tokenizer), TRAIN, val, config, tmp_path / name,
                     resume=resume, progress=False, on_step=on_step)
     return summary, load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
@@ -156,11 +158,13 @@ def test_run_with_init_adapter_trains_it_further_and_says_which_tweets(tiny_mode
 @pytest.fixture
 def two_round_preset(monkeypatch):
     """`--preset quick` as a two-round recipe: 6 train tweets, then the other 6 from the first round's adapter."""
-    from doratweet.pipeline import PRESETS, Preset, Round
+    from dataclasses import replace
 
-    preset = Preset("quick", train_limit=None, test_limit=4, generate_limit=2, eval_limit=6,
-                    training=dict(epochs=1, batch_size=4, lr=1e-2, rank=4, alpha=8, dropout=0.0),
-                    rounds=(Round(6), Round(None, dict(lr=5e-3))))
+    from doratweet.config import PRESETS, Preset, Round
+
+    first = TrainConfig(AdapterConfig(rank=4, alpha=8, dropout=0.0), epochs=1, batch_size=4, lr=1e-2, eval_limit=6)
+    preset = Preset("quick", train_limit=None, test_limit=4, generate_limit=2,
+                    rounds=(Round(6, first), Round(None, replace(first, lr=5e-3))))
     monkeypatch.setitem(PRESETS, "quick", preset)
 
 

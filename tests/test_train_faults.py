@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from conftest import TWEETS, build_tiny_model
+from helpers import TWEETS, build_tiny_model
 from safetensors.torch import load_file
 
 import doratweet.train as train_module
@@ -24,7 +24,9 @@ from doratweet.cli import main
 from doratweet.data import Split
 from doratweet.errors import UserError
 from doratweet.prompts import make_prompt_format
-from doratweet.train import TrainConfig, train
+from doratweet.adapters import AdapterConfig
+from doratweet.config import TrainConfig
+from doratweet.train import train
 
 OPTIONS = ["--max-steps", "8", "--save-every", "2", "--eval-every", "3", "--rank", "4", "--alpha", "8",
            "--batch-size", "4", "--dropout", "0.1", "--lr", "5e-3"]
@@ -208,7 +210,7 @@ def test_training_restores_the_signal_handlers_it_replaced(tmp_path):
     previous = {sig: signal.signal(sig, mine) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         model, tokenizer = build_tiny_model()
-        train(model, make_prompt_format(tokenizer), TRAIN, None, TrainConfig(rank=4, alpha=8, batch_size=4,
+        train(model, make_prompt_format(tokenizer), TRAIN, None, TrainConfig(AdapterConfig(rank=4, alpha=8, dropout=0.05), batch_size=4,
                                                                             max_steps=1), tmp_path, progress=False)
         assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGTERM) is mine
     finally:
@@ -278,7 +280,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, 
 
     monkeypatch.setattr(train_module, "answer_loss", nan_at_fifth_batch)
     model, tokenizer = build_tiny_model()
-    config = TrainConfig(rank=4, alpha=8, batch_size=4, max_steps=8, save_every=2)
+    config = TrainConfig(AdapterConfig(rank=4, alpha=8, dropout=0.05), batch_size=4, max_steps=8, save_every=2)
     with pytest.raises(UserError, match=r"step 5: the loss became nan .*step-00000004.* is kept"):
         train(model, make_prompt_format(tokenizer), TRAIN, None, config, tmp_path, progress=False)
     newest = checkpoint_folders(tmp_path / "checkpoint")
@@ -289,11 +291,11 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, 
 
 def test_an_infinite_gradient_stops_training_before_the_update(tmp_path):
     model, tokenizer = build_tiny_model()
-    add_adapters(model, "dora", rank=4, alpha=8)
+    add_adapters(model, method="dora", rank=4, alpha=8)
     magnitude = next(p for n, p in model.named_parameters() if n.endswith("magnitude"))
     before = magnitude.detach().clone()
     magnitude.register_hook(lambda grad: torch.full_like(grad, math.inf))
-    config = TrainConfig(rank=4, alpha=8, batch_size=4, max_steps=3)
+    config = TrainConfig(AdapterConfig(rank=4, alpha=8, dropout=0.05), batch_size=4, max_steps=3)
     with pytest.raises(UserError, match=r"step 1: the gradient norm became (inf|nan).*no checkpoint had been saved"):
         train(model, make_prompt_format(tokenizer), TRAIN, None, config, tmp_path, progress=False)
     assert torch.equal(magnitude.detach(), before)

@@ -1,4 +1,5 @@
-"""Resumable training checkpoints that survive being killed at any moment, in plain safetensors + JSON.
+"""Resumable training checkpoints that survive being killed at any moment, in plain safetensors + JSON, and what
+training does with them: save one, resume from the newest, save one on Ctrl-C or SIGTERM.
 
 A checkpoint is a folder `checkpoint/step-00000012/` with two plain files:
 - `tensors.safetensors`: adapter weights, AdamW moments and the RNG states;
@@ -17,11 +18,15 @@ import json
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed
+from .adapters import adapter_state_dict, copy_adapter_tensors
 from .errors import UserError
 
 log = logging.getLogger("doratweet")
@@ -141,3 +146,109 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
         state.setdefault(int(index), {}).update(values)
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in plain["param_groups"]]
     return {"state": state, "param_groups": groups}
+
+
+# --- training's checkpoints ---------------------------------------------------------------------------------------
+
+# Options a resumed run may change: how often it logs, validates or saves, and --fsdp (checkpoints hold whole tensors
+# either way).
+_MAY_CHANGE_ON_RESUME = ("eval_every", "save_every", "log_every", "fsdp")
+
+
+def resume_relevant(settings: dict) -> dict:
+    """The training settings (`TrainConfig.flat()` with the run's notes as `extra`) a resumed run must share with
+    the checkpoint, as JSON sees them (tuples become lists)."""
+    values = {k: v for k, v in settings.items() if k not in _MAY_CHANGE_ON_RESUME}
+    return _comparable(json.loads(json.dumps(values)))
+
+
+def _comparable(options: dict) -> dict:
+    """Options as a resume compares them. Neither the order of the targets nor where an adapter trained further
+    came from changes what the checkpoint continues (it holds the adapter's weights)."""
+    options = dict(options)
+    if "targets" in options and isinstance(options["targets"], list):
+        options["targets"] = sorted(options["targets"])
+    if "extra" in options:
+        options["extra"] = {k: v for k, v in (options["extra"] or {}).items() if k != "init_adapter"}
+    return options
+
+
+def save_training_checkpoint(folder: Path, model, optimizer, scheduler, progress: dict, settings: dict,
+                             log_bytes: int) -> None:
+    """Everything needed to continue exactly: adapter weights, optimizer, schedule, RNG, progress, log length.
+
+    Several ranks: every rank calls this (FSDP's shards are gathered whole, each rank's RNG state is collected)
+    and rank 0 writes one checkpoint. Adapter and optimizer are the same on every rank under DDP."""
+    with distributed.whole_adapter(model):
+        adapter = {f"adapter.{k}": v for k, v in adapter_state_dict(model).items()}
+    optimizer_tensors, optimizer_plain = optimizer_to_files(optimizer)
+    optimizer_tensors = {k: distributed.full_tensor(v) for k, v in optimizer_tensors.items()}
+    rng = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["rng.cuda"] = torch.cuda.get_rng_state()
+    if distributed.active():  # every rank draws its own dropout masks
+        every_rank = distributed.gather_from_all(rng)
+        rng = {f"{k}.rank{r}": v for r, states in enumerate(every_rank) for k, v in states.items()}
+    if distributed.is_main_process():
+        save_checkpoint(folder, progress["step"], {**adapter, **optimizer_tensors, **rng}, {
+            "progress": progress, "config": resume_relevant(settings), "optimizer": optimizer_plain,
+            "scheduler": scheduler.state_dict(), "log_bytes": log_bytes, "world_size": distributed.world_size()})
+    distributed.barrier()  # no rank leaves (e.g. exits after Ctrl-C, ending the job) before the checkpoint exists
+
+
+def load_training_checkpoint(folder: Path, model, optimizer, scheduler, settings: dict) -> tuple[dict, int]:
+    """Put the newest intact checkpoint's weights, optimizer, schedule and RNG states in place; returns its
+    progress and the length of the training log when it was saved."""
+    # Rank 0 reads (only its disk is sure to hold the run folder) and hands the checkpoint to the others.
+    tensors, saved = distributed.broadcast_from_main(
+        load_latest_checkpoint(folder) if distributed.is_main_process() else None)
+    written_by, world = saved.get("world_size", 1), distributed.world_size()
+    if written_by != world:  # each rank's RNG state is in the checkpoint, and exactness needs the same ranks
+        raise UserError(f"--resume: the checkpoint in {folder} was written by {written_by} process(es) and this run "
+                        f"has {world}; resume with {written_by} (e.g. torchrun --nproc_per_node {written_by})")
+    current = resume_relevant(settings)
+    written = _comparable(saved["config"])
+    changed = [k for k in current if k in written and written[k] != current[k]]
+    if changed:
+        raise UserError(f"--resume: options differ from the checkpoint's ({', '.join(changed)}); use the same options")
+    with distributed.whole_adapter(model):
+        adapter = {k.removeprefix("adapter."): v for k, v in tensors.items() if k.startswith("adapter.")}
+        copy_adapter_tensors(model, adapter, folder)
+    optimizer_state = optimizer_from_files(tensors, saved["optimizer"])
+    params = optimizer.param_groups[0]["params"]
+    for index, per_param in optimizer_state["state"].items():  # whole moments -> this rank's shards (FSDP)
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor) and value.shape == params[index].shape:
+                per_param[name] = distributed.shard_like(value, params[index])
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(saved["scheduler"])
+    rng = tensors
+    if distributed.active():  # this rank's own RNG states
+        suffix = f".rank{distributed.rank()}"
+        rng = {k.removesuffix(suffix): v for k, v in tensors.items() if k.endswith(suffix)}
+    torch.set_rng_state(rng["rng.torch"])
+    if "rng.cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["rng.cuda"])
+    return saved["progress"], saved["log_bytes"]
+
+
+def last_checkpoint_note(folder: Path) -> str:
+    """What a stopped run kept, for the last line the user sees."""
+    found = checkpoint_folders(folder)
+    if not found:
+        return "no checkpoint had been saved (see --save-every)"
+    return f"the last good checkpoint, {found[0]}, is kept (continue from it with --resume)"
+
+
+@contextmanager
+def checkpoint_on_interrupt(folder: Path, save: Callable[[], None], safe_to_save: Callable[[], bool]):
+    """On Ctrl-C, or SIGTERM (stopping.Terminated), inside the block: save a checkpoint when `safe_to_save()`
+    (between two optimizer steps, and with several ranks only when they stopped together, since saving is
+    collective), then raise the same kind of interrupt with a note of what is kept."""
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        if safe_to_save():
+            save()
+        # The CLI's last line says what is kept; rank 0 alone is sure to see the run folder.
+        raise type(stop)(last_checkpoint_note(folder) if distributed.is_main_process() else "") from stop

@@ -12,56 +12,48 @@ import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
+import typing
+from dataclasses import fields, replace
+
 from . import __version__
+from .adapters.config import MAX_COUNT, AdapterConfig
+from .config import PRESETS, DataConfig, Preset, Round, RunConfig, TrainConfig, default_preset, with_options
 from .errors import UserError, first_line
 from .prompts import DEFAULT_SYSTEM_PROMPT
 from .stopping import Terminated, sigterm_as_interrupt
-from .train import MAX_COUNT, TrainConfig
-
-TRAIN_DEFAULTS = TrainConfig()
-# Options shared by `run` and `train`: (flag, TrainConfig field, type, help).
-TRAINING_OPTIONS = [
-    ("--method", "method", str, "adapter type: dora or lora"),
-    ("--rank", "rank", int, "adapter rank r"),
-    ("--alpha", "alpha", float, "adapter alpha; the update is scaled by alpha/r (alpha/sqrt(r) with --rslora)"),
-    ("--dropout", "dropout", float, "dropout on the adapter's input (PEFT's formula)"),
-    ("--targets", "targets", lambda s: tuple(t for t in s.split(",") if t), "comma-separated module names to adapt"),
-    ("--epochs", "epochs", float, "passes over the training tweets (fractions allowed)"),
-    ("--lr", "lr", float, "peak learning rate (AdamW, linear warm-up then cosine decay)"),
-    ("--batch-size", "batch_size", int, "tweets per micro-batch, across all processes under torchrun"),
-    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
-    ("--max-steps", "max_steps", int, "stop after this many optimizer steps (overrides --epochs)"),
-    ("--warmup-ratio", "warmup_ratio", float, "share of steps spent warming up the learning rate"),
-    ("--weight-decay", "weight_decay", float, "AdamW weight decay"),
-    ("--label-smoothing", "label_smoothing", float, "label smoothing of the answer-token loss"),
-    ("--eval-every", "eval_every", int, "validate every N steps and keep the best adapter (0: only at the end)"),
-    ("--eval-limit", "eval_limit", int, "validate on the first N validation tweets"),
-    ("--save-every", "save_every", int, "write a resumable checkpoint every N steps (0: only on Ctrl-C)"),
-    ("--log-every", "log_every", int, "write the mean training loss to train_log.jsonl every N steps"),
-    ("--seed", "seed", int, "random seed (same seed, same result on CPU)"),
-]
 
 
-def _default_of(field_name: str):
-    value = getattr(TRAIN_DEFAULTS, field_name)
-    return ",".join(value) if isinstance(value, tuple) else value
+def add_config_options(group, defaults, verb: str, default_text: str | None = None) -> None:
+    """One option for each field with `help` metadata (see config.py) of the config `defaults`, typed like the
+    field, its value in `defaults` shown (or `default_text`). Options are None unless given, so that a preset's
+    value stays."""
+    hints = typing.get_type_hints(type(defaults))
+    for f in fields(defaults):
+        if "help" not in f.metadata or verb not in f.metadata.get("verbs", (verb,)):
+            continue
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        default = getattr(defaults, f.name)
+        if hints[f.name] is bool:
+            group.add_argument(flag, dest=f.name, action="store_true", default=None,
+                               help=f"{f.metadata['help']} (default: {'on' if default else 'off'})")
+            continue
+        shown = default_text or f.metadata.get("default_help") or (
+            ",".join(default) if isinstance(default, tuple) else default)
+        parse = f.metadata.get("parse") or next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],)
+                                                if t is not type(None))
+        group.add_argument(flag, dest=f.name, type=parse, default=None, metavar=flag[2:].upper().replace("-", "_"),
+                           help=f"{f.metadata['help']} (default: {shown})")
+
+
+def given(args, config_class) -> dict:
+    """The fields of `config_class` the user gave on the command line."""
+    return {f.name: getattr(args, f.name) for f in fields(config_class) if getattr(args, f.name, None) is not None}
 
 
 def add_model_options(p: argparse.ArgumentParser, required_help: str = "") -> None:
     p.add_argument("--model", default=None, help="base model: 'smollm2-135m' (embedded, offline), a Hub id, a local "
                    "folder or a .gguf file (default: smollm2-135m, or the model the adapter names)" + required_help)
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (default: off)")
-
-
-def add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=None, help="'tweet_eval' (Hub), a TweetEval folder, a CSV/JSONL/Parquet file or "
-                   "folder, or 'train=a.csv,test=b.csv' (default: $DORATWEET_DATA, else tweet_eval)")
-    p.add_argument("--text-column", default="text", help="text column of CSV/JSONL/Parquet data (default: %(default)s)")
-    p.add_argument("--label-column", default="label", help="label column of CSV/JSONL/Parquet data (default: %(default)s)")
-    p.add_argument("--id-column", default="id", help="column whose values must be unique when the table has it; "
-                   "'' for no check (default: %(default)s)")
-    p.add_argument("--skip-bad-rows", action="store_true", help="drop bad rows and say how many, instead of "
-                   "stopping at the first (default: off)")
 
 
 def add_precision_option(p: argparse.ArgumentParser) -> None:
@@ -74,24 +66,16 @@ def bf16_choice(args) -> bool | None:
     return {"auto": None, "fp32": False, "bf16": True}[args.precision]
 
 
-def data_options(args) -> dict:
-    return {"text_column": args.text_column, "label_column": args.label_column, "id_column": args.id_column or None,
-            "skip_bad_rows": args.skip_bad_rows}
+def data_config(args) -> DataConfig:
+    return DataConfig(**given(args, DataConfig))
 
 
-def add_training_options(p: argparse.ArgumentParser, preset_defaults: bool) -> None:
+def add_training_options(p: argparse.ArgumentParser, verb: str) -> None:
     group = p.add_argument_group("training")
-    for flag, name, kind, text in TRAINING_OPTIONS:
-        default = "the preset's value" if preset_defaults else _default_of(name)
-        group.add_argument(flag, dest=name, type=kind, default=None, help=f"{text} (default: {default})")
-    group.add_argument("--rslora", dest="use_rslora", action="store_true", default=None,
-                       help="scale by alpha/sqrt(r) (rank-stabilised LoRA) (default: off)")
+    preset_default = "the preset's value" if verb == "run" else None
+    add_config_options(group, TrainConfig().adapter, verb, preset_default)
+    add_config_options(group, TrainConfig(), verb, preset_default)
     group.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system prompt (default: %(default)r)")
-
-
-def training_overrides(args) -> dict:
-    names = [name for _, name, _, _ in TRAINING_OPTIONS] + ["use_rslora"]
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def add_init_adapter_options(p: argparse.ArgumentParser) -> None:
@@ -99,6 +83,43 @@ def add_init_adapter_options(p: argparse.ArgumentParser) -> None:
                    "(train it further); its method, rank, alpha, targets and rsLoRA apply (default: none)")
     p.add_argument("--train-skip", type=int, default=0, help="leave out the first N train tweets, before --train-limit "
                    "applies, e.g. those the --init-adapter was trained on (default: %(default)s)")
+
+
+def run_config(args, preset: Preset | None = None) -> RunConfig:
+    """The RunConfig of `run` (with a preset) or `train` (without): the preset's rounds, or one round of
+    TrainConfig's defaults, with the options the user gave; an --init-adapter's shape and base model."""
+    from .adapters import read_adapter_record
+    from .config import ADAPTER_SHAPE, with_shape_of
+    from .models import EMBEDDED_NAME
+    from .predict import adapter_folder, base_model_spec
+
+    adapter_options, train_options = given(args, AdapterConfig), given(args, TrainConfig)
+    rounds = preset.rounds if preset else (Round(None, TrainConfig()),)
+    rounds = tuple(replace(r, train=with_options(r.train, adapter_options, train_options)) for r in rounds)
+    model, init_folder = args.model, None
+    if args.init_adapter:
+        init_folder = adapter_folder(args.init_adapter)
+        saved = read_adapter_record(init_folder)
+        for name in ADAPTER_SHAPE:  # a different rank or other targets would be a new adapter, not this one further
+            value, own = adapter_options.get(name), getattr(saved.config, name)
+            if name == "targets" and value is not None:
+                value, own = sorted(value), sorted(own)
+            if value is not None and value != own:
+                flag = "--rslora" if name == "use_rslora" else "--" + name
+                raise UserError(f"{flag} {value}: the --init-adapter {args.init_adapter} has {own}; drop {flag} "
+                                "(an adapter trained further keeps its shape)")
+        rounds = tuple(replace(r, train=with_shape_of(r.train, saved.config)) for r in rounds)
+        model = model or base_model_spec(saved)
+    limits = {}
+    if preset:
+        limits = dict(preset=preset.name, test_limit=args.test_limit or preset.test_limit,
+                      generate_limit=args.generate_limit or preset.generate_limit,
+                      eval_batch_size=args.eval_batch_size, eval_bf16=bf16_choice(args))
+    return RunConfig(out=args.out, model=model or EMBEDDED_NAME, rounds=rounds, data=data_config(args),
+                     system_prompt=args.system_prompt, init_adapter=init_folder, train_skip=args.train_skip,
+                     train_limit=args.train_limit or (preset.train_limit if preset else None),
+                     trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, resume=args.resume,
+                     progress=not args.quiet, **limits)
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -124,12 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs (default: off)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (default: off)")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND", parser_class=OneLineErrors)
+    add_run_verb(verbs)
+    add_train_verb(verbs)
+    add_evaluate_verb(verbs)
+    add_predict_verb(verbs)
+    add_report_verb(verbs)
+    add_serve_verb(verbs)
+    add_push_verb(verbs)
+    add_merge_verb(verbs)
+    return parser
 
+
+def add_run_verb(verbs) -> None:
     run = verbs.add_parser("run", help="evaluate, fine-tune with DoRA, evaluate again, write a model card")
     add_model_options(run)
-    add_data_options(run)
+    add_config_options(run, DataConfig(), "run")
     run.add_argument("--out", default="runs/latest", help="run folder to write (default: %(default)s)")
-    run.add_argument("--preset", choices=["quick", "best", "full"], default=None,
+    run.add_argument("--preset", choices=list(PRESETS), default=None,
                      help="quick: subsets for a CPU in < 15 min; best: the shipped adapter's recipe (all train "
                      "tweets in 2 rounds, whole test split, ~2 h 20 min on a CPU); full: all data (default: full on "
                      "CUDA, else quick)")
@@ -143,25 +175,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (default: off)")
     run.add_argument("--eval-batch-size", type=positive_int, default=32, help="tweets per evaluation batch (default: %(default)s)")
     add_precision_option(run)
-    add_training_options(run, preset_defaults=True)
+    add_training_options(run, "run")
 
+
+def add_train_verb(verbs) -> None:
     tr = verbs.add_parser("train", help="fine-tune an adapter and save it in PEFT format")
     add_model_options(tr)
-    add_data_options(tr)
+    add_config_options(tr, DataConfig(), "train")
     tr.add_argument("--out", required=True, help="folder for adapter/, checkpoint/ and train_log.jsonl (required)")
     tr.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N tweets (default: all)")
     add_init_adapter_options(tr)
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (default: off)")
     tr.add_argument("--overwrite", action="store_true", help="replace a previous run in --out: only the files "
                     "a doratweet run wrote are removed; anything else under their names is refused (default: off)")
-    tr.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base model across the processes "
-                    "(FSDP) instead of copying it to each (DDP), for models that do not fit one GPU (default: off)")
-    add_training_options(tr, preset_defaults=False)
+    add_training_options(tr, "train")
 
+
+def add_evaluate_verb(verbs) -> None:
     ev = verbs.add_parser("evaluate", help="metrics of a model (with or without an adapter) on a split")
     add_model_options(ev)
     ev.add_argument("--adapter", default=None, help="adapter or run folder (default: none, the base model alone)")
-    add_data_options(ev)
+    add_config_options(ev, DataConfig(), "evaluate")
     ev.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
     ev.add_argument("--mode", choices=["score", "generate"], default="score",
                     help="score: likelihood of each label; generate: parse a free answer (default: %(default)s)")
@@ -171,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--system-prompt", default=None, help="system prompt (default: the adapter's, else the built-in)")
     ev.add_argument("--out", default=None, help="write metrics JSON here, predictions beside it (default: print)")
 
+
+def add_predict_verb(verbs) -> None:
     pr = verbs.add_parser("predict", help="label texts with a trained adapter")
     pr.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label (default: read --input or stdin)")
     src = pr.add_mutually_exclusive_group()
@@ -193,9 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=positive_int, default=32, help="texts per batch (default: %(default)s)")
     add_precision_option(pr)
 
+
+def add_report_verb(verbs) -> None:
     rep = verbs.add_parser("report", help="rebuild the model card and plots of a run folder")
     rep.add_argument("run_dir", help="run folder written by `doratweet run`")
 
+
+def add_serve_verb(verbs) -> None:
     sv = verbs.add_parser("serve", help="serve an adapter over HTTP (API, classify page, report page)")
     src = sv.add_mutually_exclusive_group()
     src.add_argument("--run", default=None, help="run folder written by `doratweet run`; its metrics and plots "
@@ -222,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "on /v1/* and the plots (default: $DORATWEET_API_KEY, else no key)")
     add_precision_option(sv)
 
+
+def add_push_verb(verbs) -> None:
     pu = verbs.add_parser("push", help="upload a run's adapter, model card and plots to the Hugging Face Hub")
     pu.add_argument("run_dir", help="run folder written by `doratweet run`")
     pu.add_argument("--repo", required=True, help="Hub model repo to create or update, as user/name (required)")
@@ -229,11 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--dry-run", action="store_true", help="list what would be uploaded where, touch no network "
                     "(default: off)")
 
+
+def add_merge_verb(verbs) -> None:
     mg = verbs.add_parser("merge", help="fold an adapter into its base model and save a plain transformers model")
     mg.add_argument("--adapter", required=True, help="adapter or run folder")
     mg.add_argument("--model", default=None, help="base model (default: the one the adapter names)")
     mg.add_argument("--out", required=True, help="folder for the merged model (must not exist)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,26 +318,21 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args) -> int:
     from .pipeline import run_pipeline
 
-    run_pipeline(model_spec=args.model, data_spec=args.data, data_options=data_options(args), out_dir=args.out, preset_name=args.preset,
-                 training_overrides=training_overrides(args), train_limit=args.train_limit,
-                 test_limit=args.test_limit, generate_limit=args.generate_limit, system_prompt=args.system_prompt, init_adapter=args.init_adapter, train_skip=args.train_skip,
-                 batch_size=args.eval_batch_size,
-                 overwrite=args.overwrite, resume=args.resume, eval_bf16=bf16_choice(args), trust_remote_code=args.trust_remote_code,
-                 progress=not args.quiet)
+    run_pipeline(run_config(args, PRESETS[args.preset or default_preset()]))
     return 0
 
 
 def cmd_train(args) -> int:
     from .commands import train_command
 
-    train_command(args, TrainConfig(**training_overrides(args), fsdp=args.fsdp), data_options(args))
+    train_command(run_config(args))
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from .commands import evaluate_command
 
-    metrics = evaluate_command(args, data_options(args), bf16_choice(args))
+    metrics = evaluate_command(args, data_config(args), bf16_choice(args))
     if args.out is None:
         print(json.dumps(metrics, indent=2))
     return 0

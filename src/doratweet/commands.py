@@ -7,25 +7,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import LABELS, distributed
-from .adapters import load_adapter, merge_adapters, read_adapter_config, target_module_names
-from .adapters.inject import check_rank_fits
-from .data import load_data, load_split
+from . import distributed
+from .adapters import load_adapter, merge_adapters, read_adapter_record
+from .config import DataConfig, RunConfig
+from .data import load_split
 from .errors import UserError
+from .evaluate import UNPARSED, inference_model, timed_predictions
 from .files import write_atomically
-from .evaluate import UNPARSED
-from .hardware import default_device, inference_model
-from .models import EMBEDDED_NAME, load_base_model
-from .pipeline import (
-    adopt_adapter_shape,
-    check_out_dir,
-    environment,
-    start_from_adapter,
-    start_out_dir,
-    timed_predictions,
-    write_json,
-    write_label_ids,
-)
+from .hardware import default_device, environment
+from .models import load_base_model
 from .predict import (
     SentimentClassifier,
     adapter_folder,
@@ -34,60 +24,55 @@ from .predict import (
     format_predictions,
     read_prediction_input,
 )
+from .preparation import check_out_and_load_data, load_model_for_training
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
-from .run_folder import is_json_object, is_label_ids, refuse_to_replace
-from .train import TrainConfig, train
+from .run_folder import (
+    ADAPTER_DIR,
+    SUMMARY_FILE,
+    is_json_object,
+    is_label_ids,
+    refuse_to_replace,
+    start_out_dir,
+    write_json,
+    write_label_ids,
+)
+from .train import train
 
 log = logging.getLogger("doratweet")
 
 
 @distributed.process_group()  # under torchrun / `accelerate launch` every process runs this
-def train_command(args, config: TrainConfig, data_options: dict) -> dict:
+def train_command(config: RunConfig) -> dict:
     """Rank 0 alone checks and writes --out; every rank trains (see train.py)."""
-    out_dir = Path(args.out)
-    main = distributed.is_main_process()
-    init_folder = adopt_adapter_shape(args.init_adapter, vars(args), config) if args.init_adapter else None
-    if main:
-        check_out_dir(out_dir, args.overwrite, args.resume)
-    splits = load_data(args.data, **data_options)
-    if "train" not in splits:
-        raise UserError(f"--data: has no train split (found: {', '.join(splits)})")
-    train_split = splits["train"].skip(args.train_skip).head(args.train_limit)
-    model_spec = args.model or (base_model_spec(read_adapter_config(init_folder)) if init_folder else EMBEDDED_NAME)
-    with distributed.main_process_first():
-        base = load_base_model(model_spec, device=distributed.process_device(),
-                               trust_remote_code=args.trust_remote_code)
-    config.extra = {"system_prompt": args.system_prompt, "model_spec": model_spec, "labels": list(LABELS)}
-    target_module_names(base.model, config.targets)
-    if not init_folder:  # an --init-adapter brings its own rank
-        check_rank_fits(base.model, config.targets, config.rank)
-    if init_folder:
-        start_from_adapter(base.model, init_folder, config, args.train_skip)
-    fmt = make_prompt_format(base.tokenizer, args.system_prompt)
-    if main:
-        start_out_dir(out_dir, args.overwrite)
-    summary = train(base.model, fmt, train_split, splits.get("validation"), config, out_dir,
-                    resume=args.resume, progress=not args.quiet, base_model_id=base.base_model_id)
-    if main:
-        write_json(out_dir / "train_summary.json", summary)
-        log.info("adapter saved in %s", out_dir / "adapter")
+    data = check_out_and_load_data(config, needed=("train",))
+    prepared = load_model_for_training(config)
+    if config.init_adapter:
+        load_adapter(prepared.base.model, config.init_adapter, dropout=config.train.adapter.dropout)
+    if distributed.is_main_process():
+        start_out_dir(config.out, config.overwrite)
+    summary = train(prepared.base.model, prepared.fmt, data.train, data.splits.get("validation"), config.train,
+                    config.out, notes=prepared.notes, resume=config.resume, progress=config.progress,
+                    base_model_id=prepared.base.base_model_id)
+    if distributed.is_main_process():
+        write_json(config.out / SUMMARY_FILE, summary)
+        log.info("adapter saved in %s", config.out / ADAPTER_DIR)
     return summary
 
 
-def evaluate_command(args, data_options: dict, bf16: bool | None) -> dict:
+def evaluate_command(args, data: DataConfig, bf16: bool | None) -> dict:
     if args.out:  # replaced at the end: refuse now a file evaluate did not write there
         out = Path(args.out)
         refuse_to_replace(out, lambda p: is_json_object(p, "mode", "macro_f1", "n"), "evaluate's metrics")
         refuse_to_replace(out.with_suffix(".predictions.txt"), is_label_ids, "evaluate's predictions")
-    split = load_split(args.data, args.split, **data_options).head(args.limit)
+    split = load_split(data.spec, args.split, **data.load_options()).head(args.limit)
     system_prompt = args.system_prompt
     if args.adapter:
         folder = adapter_folder(args.adapter)
-        config = read_adapter_config(folder)
-        base = load_base_model(args.model or base_model_spec(config), device=default_device(),
+        record = read_adapter_record(folder)
+        base = load_base_model(args.model or base_model_spec(record), device=default_device(),
                                trust_remote_code=args.trust_remote_code)
         load_adapter(base.model, folder)
-        system_prompt = system_prompt or config.extra.get("system_prompt")
+        system_prompt = system_prompt or record.notes.system_prompt
     else:
         base = load_base_model(args.model, device=default_device(), trust_remote_code=args.trust_remote_code)
     fmt = make_prompt_format(base.tokenizer, system_prompt or DEFAULT_SYSTEM_PROMPT)
@@ -159,8 +144,7 @@ def merge_command(args) -> Path:
     if out.exists():
         raise UserError(f"--out {out}: already exists; choose a new folder")
     folder = adapter_folder(args.adapter)
-    config = read_adapter_config(folder)
-    base = load_base_model(args.model or base_model_spec(config))
+    base = load_base_model(args.model or base_model_spec(read_adapter_record(folder)))
     load_adapter(base.model, folder)
     merge_adapters(base.model)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -81,8 +81,8 @@ def process_group():
     except BaseException:
         dist.destroy_process_group()  # no barrier: the other ranks may be gone already
         raise
-    # Leave together. A rank that tears gloo down while rank 0 is still writing the run folder aborted once in CI
-    # ("terminate called without an active exception"); synchronising first is the usual cure.
+    # Leave together: a rank that tears gloo down while rank 0 still writes the run folder makes gloo abort the
+    # process ("terminate called without an active exception").
     dist.barrier()
     dist.destroy_process_group()
 

@@ -13,31 +13,34 @@ from pathlib import Path
 import torch
 
 from . import LABELS
-from .adapters import load_adapter, read_adapter_config
+from .adapters import AdapterRecord, load_adapter, read_adapter_record
+from .adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from .errors import UserError
-from .hardware import default_device, inference_model
+from .evaluate import inference_model
 from .evaluate import predict as predict_with_model
+from .hardware import default_device
 from .models import EMBEDDED_NAME, EMBEDDED_UPSTREAM_ID, load_base_model
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
+from .run_folder import ADAPTER_DIR
 from .texts import checked_texts, text_problem
 
 
 # The run folder (adapter, card, metrics, plots) that ships inside the package, so `doratweet predict "text"`
 # and `doratweet serve` work right after installing, without training.
 SHIPPED_RUN = Path(__file__).parent / "pretrained" / "smollm2-135m-tweeteval"
-SHIPPED_ADAPTER = SHIPPED_RUN / "adapter"
+SHIPPED_ADAPTER = SHIPPED_RUN / ADAPTER_DIR
 
 
 def adapter_folder(path: str | os.PathLike | None) -> Path:
     """Accept a run folder (with adapter/) or an adapter folder; None means the shipped adapter."""
     if path is None:
-        if not (SHIPPED_ADAPTER / "adapter_config.json").is_file():
+        if not (SHIPPED_ADAPTER / CONFIG_FILE).is_file():
             raise UserError("no adapter given and none ships with this install; pass --run or --adapter")
         return SHIPPED_ADAPTER
     path = Path(path)
-    if (path / "adapter" / "adapter_config.json").is_file():
-        return path / "adapter"
-    if (path / "adapter_config.json").is_file():
+    if (path / ADAPTER_DIR / CONFIG_FILE).is_file():
+        return path / ADAPTER_DIR
+    if (path / CONFIG_FILE).is_file():
         return path
     raise UserError(f"{path}: neither an adapter folder (adapter_config.json) nor a run folder (adapter/)")
 
@@ -69,16 +72,16 @@ class SentimentClassifier:
         Merged weights are bf16 where bf16 is fast (`bf16=None`), or as chosen.
         """
         folder = adapter_folder(path)
-        config = read_adapter_config(folder)
-        spec = model or base_model_spec(config)
+        record = read_adapter_record(folder)
+        spec = model or base_model_spec(record)
         device = torch.device(device) if device else default_device()
         base = load_base_model(spec, device=device, trust_remote_code=trust_remote_code)
         load_adapter(base.model, folder)
         if merge:
             inference_model(base.model, device, bf16, copy=False)
         base.model.eval()
-        system_prompt = config.extra.get("system_prompt", DEFAULT_SYSTEM_PROMPT)
-        return cls(base.model, make_prompt_format(base.tokenizer, system_prompt), config.base_model_id or spec)
+        system_prompt = DEFAULT_SYSTEM_PROMPT if record.notes.system_prompt is None else record.notes.system_prompt
+        return cls(base.model, make_prompt_format(base.tokenizer, system_prompt), record.base_model_id or spec)
 
     def predict_proba(self, texts: Sequence[str]) -> list[dict[str, float]]:
         """The probability of each label, for each text in order: `[{"negative": p, "neutral": p, "positive": p}]`.
@@ -102,8 +105,6 @@ class SentimentClassifier:
 
 def adapter_sha256(folder: Path) -> str:
     """One hash of the files that decide an adapter's labels, so a resumed output can tell it is the same one."""
-    from .adapters.inject import CONFIG_FILE, WEIGHTS_FILE
-
     hasher = hashlib.sha256()
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         path = Path(folder) / name
@@ -115,13 +116,13 @@ def adapter_sha256(folder: Path) -> str:
     return hasher.hexdigest()
 
 
-def base_model_spec(config) -> str:
+def base_model_spec(record: AdapterRecord) -> str:
     """The model an adapter was trained on: the spec recorded at training time, else its base model id.
     An adapter for SmolLM2-135M-Instruct made by doratweet was trained on the embedded GGUF's weights."""
-    spec = config.extra.get("model_spec") or config.base_model_id
+    spec = record.notes.model_spec or record.base_model_id
     if spec is None:
         raise UserError("the adapter's config names no base model; pass --model")
-    if spec == EMBEDDED_UPSTREAM_ID and config.extra.get("model_spec") == EMBEDDED_NAME:
+    if spec == EMBEDDED_UPSTREAM_ID and record.notes.model_spec == EMBEDDED_NAME:
         return EMBEDDED_NAME
     return spec
 

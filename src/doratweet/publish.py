@@ -17,21 +17,23 @@ import re
 from pathlib import Path
 
 from .errors import UserError, first_line
-from .run_folder import is_png
 from .report import (
-    ADAPTER_CONFIG_FILE,
-    ADAPTER_DIR,
-    ADAPTER_WEIGHTS_FILE,
-    METRICS_FILE,
-    PLOTS_DIR,
-    PREDICTIONS_DIR,
-    README_FILE,
     file_inside,
     load_adapter_config,
     load_metrics,
     public_adapter_config,
     public_metrics,
     public_name,
+)
+from .run_folder import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_DIR,
+    ADAPTER_WEIGHTS_FILE,
+    CARD_FILE,
+    METRICS_FILE,
+    PLOTS_DIR,
+    PREDICTIONS_DIR,
+    is_png,
 )
 
 log = logging.getLogger("doratweet")
@@ -40,7 +42,7 @@ log = logging.getLogger("doratweet")
 # The Hub's rule for names: letters, digits, '-', '_', '.'; no leading/trailing '-' or '.', no '--' or '..'.
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 # What a run folder may publish: (folder, name pattern). The PEFT files, the card, metrics, plots, predictions.
-ALLOWED = [("", re.escape(README_FILE)),
+ALLOWED = [("", re.escape(CARD_FILE)),
            (ADAPTER_DIR, f"{re.escape(ADAPTER_CONFIG_FILE)}|{re.escape(ADAPTER_WEIGHTS_FILE)}"),
            ("", re.escape(METRICS_FILE)),
            (PLOTS_DIR, r"[^.].*\.png"), (PREDICTIONS_DIR, r"[^.].*\.txt")]
@@ -65,8 +67,8 @@ def upload_plan(run_dir: str | Path) -> list[tuple[Path, str]]:
     uploaded = {remote for _, remote in plan}
     if f"{ADAPTER_DIR}/{ADAPTER_CONFIG_FILE}" not in uploaded:
         raise UserError(f"{run_dir}: no {ADAPTER_DIR}/{ADAPTER_CONFIG_FILE}; push a run folder whose training finished")
-    if README_FILE not in uploaded:
-        raise UserError(f"{run_dir}: no {README_FILE} (model card); write it with `doratweet report {run_dir}`")
+    if CARD_FILE not in uploaded:
+        raise UserError(f"{run_dir}: no {CARD_FILE} (model card); write it with `doratweet report {run_dir}`")
     return plan
 
 
@@ -118,10 +120,10 @@ def public_plan(run_dir: str | Path, plan: list[tuple[Path, str]]) -> list[tuple
         public.append((real if shown == document else json.dumps(shown, indent=2, ensure_ascii=False).encode() + b"\n",
                        remote))
     local_paths = {path for path in local_paths if isinstance(path, str) and public_name(path) != path}
-    card = dict((remote, real) for real, remote in plan)[README_FILE].read_text(encoding="utf-8", errors="replace")
+    card = dict((remote, real) for real, remote in plan)[CARD_FILE].read_text(encoding="utf-8", errors="replace")
     for path in sorted(local_paths):
         if path in card:
-            raise UserError(f"{run_dir / README_FILE}: shows the local path {path}; rebuild the card with "
+            raise UserError(f"{run_dir / CARD_FILE}: shows the local path {path}; rebuild the card with "
                             f"`doratweet report {run_dir}` (it shows names instead), then push again")
     return public
 

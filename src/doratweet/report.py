@@ -24,16 +24,19 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from . import LABELS
 from .errors import UserError, first_line
 from .files import write_atomically
-from .run_folder import is_own_card, refuse_foreign_plots, refuse_links, refuse_to_replace
-
-METRICS_FILE = "metrics.json"
-LOG_FILE = "train_log.jsonl"
-ADAPTER_DIR = "adapter"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-PLOTS_DIR = "plots"
-PREDICTIONS_DIR = "predictions"
-README_FILE = "README.md"
+from .run_folder import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_DIR,
+    CARD_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    PLOTS_DIR,
+    PREDICTIONS_DIR,
+    is_own_card,
+    refuse_foreign_plots,
+    refuse_links,
+    refuse_to_replace,
+)
 
 HUB_DATASET = "cardiffnlp/tweet_eval"
 UNPARSED = "unparsed"
@@ -745,8 +748,8 @@ def write_report(run_dir: str | Path) -> Path:
     metrics = load_metrics(run_dir)
     log = load_train_log(run_dir)
     adapter_config = load_adapter_config(run_dir)
-    readme = run_dir / README_FILE
-    refuse_links(run_dir, [README_FILE, PLOTS_DIR])
+    readme = run_dir / CARD_FILE
+    refuse_links(run_dir, [CARD_FILE, PLOTS_DIR])
     refuse_to_replace(readme, is_own_card, "the model card")
     refuse_foreign_plots(run_dir)
     plots = write_plots(run_dir, metrics, log)

@@ -8,6 +8,10 @@ that (a user's README.md, `checkpoint/thesis.tex`, an empty `round-1/`) is refus
 anything is loaded or written. Entries under other names are never touched.
 
 Only names and the first bytes of most files are read, so checking a large run folder costs next to nothing.
+
+Every name a run writes is defined here (the adapter's and a checkpoint's own files by their formats, in
+adapters/peft_format.py and checkpoints.py), with the checks of --out before a run and the writers of its JSON and
+label files.
 """
 
 from __future__ import annotations
@@ -19,11 +23,31 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from .adapters.peft_format import CONFIG_FILE as ADAPTER_CONFIG_FILE
+from .adapters.peft_format import WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE
+from .checkpoints import STATE_FILE, TENSORS_FILE, checkpoint_folders
 from .errors import UserError
+from .files import write_atomically
 
-PREDICTION_FILES = ("test_before.txt", "test_after.txt")
+# What `doratweet train` writes, and each round of `doratweet run`:
+ADAPTER_DIR = "adapter"  # the best adapter, in PEFT's format
+CHECKPOINT_DIR = "checkpoint"  # checkpoints.py: step-NNNNNNNN/
+LOG_FILE = "train_log.jsonl"  # one JSON object a line: losses every --log-every steps, validations
+SUMMARY_FILE = "train_summary.json"  # what training did; in out/round-N it also marks the round as done
+# What `doratweet run` writes on top:
+METRICS_FILE = "metrics.json"
+CARD_FILE = "README.md"  # the model card
+PREDICTIONS_DIR = "predictions"
+PREDICTION_FILES = ("test_before.txt", "test_after.txt")  # one label id a line, TweetEval's format
+PLOTS_DIR = "plots"
 PLOT_FILES = ("training_curves.png", "confusion_before.png", "confusion_after.png", "per_class_f1.png")
-CARD_FILE = "README.md"
+
+
+def round_folder(out_dir: Path, number: int) -> Path:
+    """Where round `number` of a run in several rounds is kept (the last round writes out_dir itself)."""
+    return Path(out_dir) / f"round-{number}"
+
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TRASH = ".trash"  # suffix of an entry renamed for removal
 
@@ -163,22 +187,22 @@ def _folder(layout: _Layout, may_be_empty: bool = False) -> Check:
     return check
 
 
-_CHECKPOINT_STEP = _folder(_Layout({"state.json": _file(),  # even a damaged state.json is the checkpoint's own
-                                    "tensors.safetensors": _file(_safetensors)}))
-TRAINING_LAYOUT = _Layout({  # what `doratweet train` writes, and each round of `doratweet run`
-    "adapter": _folder(_Layout({"adapter_config.json": _file(lambda p: is_json_object(p, "peft_type", "doratweet")),
-                                "adapter_model.safetensors": _file(_safetensors)})),
-    "checkpoint": _folder(_Layout({}, {r"step-\d{8}": _CHECKPOINT_STEP,
-                                       r"\.step-\d{8}\.tmp": _CHECKPOINT_STEP})),
-    "train_log.jsonl": _file(_train_log),
-    "train_summary.json": _file(lambda p: is_json_object(p, "steps")),
+_CHECKPOINT_STEP = _folder(_Layout({STATE_FILE: _file(),  # even a damaged state.json is the checkpoint's own
+                                    TENSORS_FILE: _file(_safetensors)}))
+TRAINING_LAYOUT = _Layout({
+    ADAPTER_DIR: _folder(_Layout({ADAPTER_CONFIG_FILE: _file(lambda p: is_json_object(p, "peft_type", "doratweet")),
+                                  ADAPTER_WEIGHTS_FILE: _file(_safetensors)})),
+    CHECKPOINT_DIR: _folder(_Layout({}, {r"step-\d{8}": _CHECKPOINT_STEP,
+                                         r"\.step-\d{8}\.tmp": _CHECKPOINT_STEP})),
+    LOG_FILE: _file(_train_log),
+    SUMMARY_FILE: _file(lambda p: is_json_object(p, "steps")),
 })
-RUN_LAYOUT = _Layout({  # what `doratweet run` writes on top
+RUN_LAYOUT = _Layout({
     **TRAINING_LAYOUT.names,
-    "metrics.json": _file(lambda p: is_json_object(p, "results", "training")),
+    METRICS_FILE: _file(lambda p: is_json_object(p, "results", "training")),
     CARD_FILE: _file(is_own_card),
-    "predictions": _folder(_Layout({name: _file(is_label_ids) for name in PREDICTION_FILES})),
-    "plots": _folder(_Layout({name: _file(is_png) for name in PLOT_FILES})),
+    PREDICTIONS_DIR: _folder(_Layout({name: _file(is_label_ids) for name in PREDICTION_FILES})),
+    PLOTS_DIR: _folder(_Layout({name: _file(is_png) for name in PLOT_FILES})),
 }, {r"round-\d+": _folder(TRAINING_LAYOUT)})
 
 
@@ -230,7 +254,7 @@ def refuse_links(folder: Path, names) -> None:
 def refuse_foreign_plots(run_dir: Path) -> None:
     """Before drawing the plots: refuse a file under a plot's name that is not a PNG (or is a link)."""
     for name in PLOT_FILES:
-        refuse_to_replace(Path(run_dir) / "plots" / name, is_png, "a doratweet plot")
+        refuse_to_replace(Path(run_dir) / PLOTS_DIR / name, is_png, "a doratweet plot")
 
 
 def refuse_to_replace(path: Path, recognised: Callable[[Path], bool], what: str) -> None:
@@ -242,3 +266,41 @@ def refuse_to_replace(path: Path, recognised: Callable[[Path], bool], what: str)
     except _Foreign as foreign:
         raise UserError(f"{path}: {foreign.why} ({what} goes there), and doratweet replaces only what it wrote; "
                         "move it away, then run this again") from None
+
+
+# --- before a run, and its writers ------------------------------------------------------------------------------------
+
+def check_out_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse, before anything is loaded or written, an --out that would lose the user's files or cannot resume."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: is a file; choose a folder")
+    if resume and not any(checkpoint_folders(folder / CHECKPOINT_DIR) or (folder / SUMMARY_FILE).is_file()
+                          for folder in [out_dir, *out_dir.glob("round-*")]):
+        raise UserError(f"--resume: no checkpoint in {out_dir / CHECKPOINT_DIR}; train without --resume, or point "
+                        "--out at the run (checkpoints are written every --save-every steps and on Ctrl-C)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume):
+        raise UserError(f"--out {out_dir}: the folder exists and is not empty; pass --overwrite or choose another")
+    if resume:  # a resumed run writes into the folder as it is: never through a link out of it
+        refuse_links(out_dir, [*RUN_LAYOUT.names, *(path.name for path in out_dir.glob("round-*"))])
+        for folder in out_dir.glob("round-*"):
+            refuse_links(folder, TRAINING_LAYOUT.names)
+        refuse_foreign_plots(out_dir)
+    if overwrite:
+        previous_run_entries(out_dir)  # refuses, naming it, anything under a run's names that no run wrote
+
+
+def start_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Create --out once the inputs are known to be good, so a bad input leaves no half-made folder behind.
+    --overwrite removes the previous run's files (only those: see above), so that none of them passes for this
+    run's: an old checkpoint or round a later --resume would pick up, an old card beside a new adapter."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        remove_previous_run(out_dir)
+
+
+def write_json(path: Path, value) -> None:
+    write_atomically(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_label_ids(path: Path, labels) -> None:
+    write_atomically(path, "".join(f"{int(y)}\n" for y in labels))

@@ -86,7 +86,8 @@ def run_server(path: str | None, *, model: str | None = None, host: str = "127.0
               "queue_size": queue_size}
     check_options(port=port, shutdown_timeout=shutdown_timeout, **limits)
     from ..predict import SentimentClassifier, adapter_folder
-    from ..report import ADAPTER_DIR, METRICS_FILE, load_metrics
+    from ..report import load_metrics
+    from ..run_folder import ADAPTER_DIR, METRICS_FILE
 
     adapter = adapter_folder(path)
     run_dir = adapter.parent if adapter.name == ADAPTER_DIR and (adapter.parent / METRICS_FILE).is_file() else None

@@ -34,10 +34,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from .. import LABELS, __version__
 from ..errors import UserError
 from ..report import (
-    ADAPTER_DIR,
-    METRICS_FILE,
-    PLOTS_DIR,
-    README_FILE,
     STAGES,
     file_inside,
     hub_id,
@@ -46,7 +42,7 @@ from ..report import (
     public_name,
     result,
 )
-from ..run_folder import is_png
+from ..run_folder import ADAPTER_DIR, CARD_FILE, METRICS_FILE, PLOTS_DIR, is_png
 from ..texts import text_problem
 from .batching import DynamicBatcher, QueueFull, ShuttingDown
 
@@ -173,7 +169,7 @@ def create_app(
         return {"base_model": public_name(classifier.base_model_id), "base_model_id": hub_id(classifier.base_model_id),
                 "adapter": adapter_name, "run": run_dir.name if run_dir else None, "labels": list(LABELS),
                 "limits": app.state.limits,
-                "model_card": served_file(run_dir, README_FILE) is not None,
+                "model_card": served_file(run_dir, CARD_FILE) is not None,
                 **run_summary(run_dir), "plots": plot_names(run_dir)}
 
     @app.get("/health")
