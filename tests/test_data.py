@@ -1,4 +1,11 @@
-"""data.py: every --data source becomes validated (text, label) splits; user mistakes are one-line errors."""
+"""data.py, and the file reader it shares with `predict --input` (tables.py): every --data source becomes validated
+(text, label) splits, and every problem in a file is a one-line error naming the file, its line (or Parquet row)
+and the fix (docs/reliability.md lists the cases).
+
+Sections, by what they protect: layouts (which spec gives which splits), choosing the source and the split,
+labels, texts, duplicate ids, bad rows and --skip-bad-rows, then the reading of files that predict --input
+shares (missing and empty files, columns, CSV and JSON Lines syntax, encodings, line endings, prediction input).
+"""
 
 import json
 import logging
@@ -36,7 +43,18 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
-# --- the official TweetEval folder layout --------------------------------------------------------------
+def raised_message(spec, **options) -> str:
+    with pytest.raises(UserError) as raised:
+        load_data(str(spec), **options)
+    return str(raised.value)
+
+
+def read_texts(path, text_column: str = "text") -> list[str]:
+    """What predict prints labels for; it streams the same rows to --output (batch_predict.iter_input_rows)."""
+    return read_prediction_input(str(path), [], text_column)
+
+
+# --- layouts: the official TweetEval folder -----------------------------------------------------------------
 
 
 def test_tweeteval_folder_strips_texts_and_maps_val_to_validation(tmp_path):
@@ -56,42 +74,9 @@ def test_tweeteval_folder_strips_texts_and_maps_val_to_validation(tmp_path):
     assert splits["test"].labels == [2, 0]
 
 
-def test_tweeteval_folder_splits_only_on_newline(tmp_path):
-    # '\r' and U+2028 inside a tweet must not start a new row (str.splitlines would split there).
-    folder = write_tweeteval(tmp_path, {"test": ("one\rstill one\nsecond\u2028line\n", "0\n1\n")})
-    split = load_data(str(folder))["test"]
-    assert split.texts == ["one\rstill one", "second\u2028line"]
-    assert split.labels == [0, 1]
-
-
 def test_tweeteval_folder_with_only_some_splits_has_only_those(tmp_path):
     folder = write_tweeteval(tmp_path, {"test": ("fine\n", "2\n")}, mapping=None)
     assert list(load_data(str(folder))) == ["test"]
-
-
-def test_tweeteval_count_mismatch_names_both_files_and_counts(tmp_path):
-    folder = write_tweeteval(tmp_path, {"train": ("a\nb\nc\n", "0\n1\n")})
-    with pytest.raises(UserError, match=r"train_text\.txt has 3 lines but .*train_labels\.txt has 2"):
-        load_data(str(folder))
-
-
-def test_tweeteval_label_out_of_range_names_file_and_line(tmp_path):
-    folder = write_tweeteval(tmp_path, {"train": ("a\nb\n", "0\n7\n")})
-    with pytest.raises(UserError, match=r"train_labels\.txt:2: unknown label '7'"):
-        load_data(str(folder))
-
-
-def test_tweeteval_blank_tweet_names_file_and_line(tmp_path):
-    folder = write_tweeteval(tmp_path, {"val": ("ok\n   \n", "0\n1\n")})
-    with pytest.raises(UserError, match=r"val_text\.txt:2: empty text"):
-        load_data(str(folder))
-
-
-def test_tweeteval_undecodable_bytes_name_file_and_line(tmp_path):
-    folder = write_tweeteval(tmp_path, {"test": ("ok\nok\n", "0\n1\n")})
-    (folder / "test_text.txt").write_bytes(b"ok\ncaf\xe9\n")
-    with pytest.raises(UserError, match=r"test_text\.txt:2: not valid UTF-8 \(byte 0xe9\)"):
-        load_data(str(folder))
 
 
 def test_tweeteval_mapping_must_be_negative_neutral_positive(tmp_path):
@@ -104,6 +89,30 @@ def test_tweeteval_text_file_without_labels_file_is_an_error(tmp_path):
     (tmp_path / "train_text.txt").write_text("a\n")
     with pytest.raises(UserError, match=r"train_text\.txt has no partner train_labels\.txt"):
         load_data(str(tmp_path))
+
+
+def test_tweeteval_labels_file_without_text_file_is_an_error(tmp_path):
+    (tmp_path / "test_labels.txt").write_text("0\n")
+    with pytest.raises(UserError, match=r"test_labels\.txt has no partner test_text\.txt"):
+        load_data(str(tmp_path))
+
+
+def test_tweeteval_count_mismatch_names_both_files_and_counts(tmp_path):
+    folder = write_tweeteval(tmp_path, {"train": ("a\nb\nc\n", "0\n1\n")})
+    with pytest.raises(UserError, match=r"train_text\.txt has 3 lines but .*train_labels\.txt has 2"):
+        load_data(str(folder))
+
+
+def test_tweeteval_count_mismatch_names_the_first_line_without_a_partner(tmp_path):
+    folder = write_tweeteval(tmp_path, {"train": ("a\nb\n", "0\n1\n2\n")})
+    with pytest.raises(UserError, match=r"the first line without a partner is train_labels\.txt:3\)"):
+        load_data(str(folder))
+
+
+def test_tweeteval_count_mismatch_is_an_error_even_with_skip_bad_rows(tmp_path):
+    folder = write_tweeteval(tmp_path, {"train": ("a\nb\nc\n", "0\n1\n")})
+    with pytest.raises(UserError, match=r"train_text\.txt has 3 lines but .*train_labels\.txt has 2"):
+        load_data(str(folder), skip_bad_rows=True)
 
 
 def test_real_tweeteval_folder_has_the_published_row_counts():
@@ -120,7 +129,7 @@ def test_real_tweeteval_folder_has_the_published_row_counts():
         assert all(text == text.strip() and text for text in split.texts)
 
 
-# --- single csv / jsonl / parquet files ----------------------------------------------------------------
+# --- layouts: single csv / jsonl / parquet files ------------------------------------------------------------
 
 
 def test_csv_with_label_ids(tmp_path):
@@ -132,26 +141,11 @@ def test_csv_with_label_ids(tmp_path):
     assert splits["train"].source == str(path)
 
 
-def test_csv_with_label_names_in_any_case(tmp_path):
-    path = write_csv(tmp_path / "train.csv", "text,label\nawful,Negative\nok, NEUTRAL \nyay,positive\n")
-    assert load_data(str(path))["train"].labels == [0, 1, 2]
-
-
-def test_csv_keeps_text_that_pandas_would_read_as_missing(tmp_path):
-    path = write_csv(tmp_path / "test.csv", "text,label\nNA,1\nnull,0\n")
-    assert load_data(str(path))["test"].texts == ["NA", "null"]
-
-
 def test_jsonl_with_label_ids(tmp_path):
     path = write_jsonl(tmp_path / "dev.jsonl", [{"text": "meh", "label": 1}, {"text": "yay", "label": "2"}])
     split = load_data(str(path))["validation"]
     assert split.texts == ["meh", "yay"]
     assert split.labels == [1, 2]
-
-
-def test_jsonl_with_label_names(tmp_path):
-    path = write_jsonl(tmp_path / "test.jsonl", [{"text": "boo", "label": "negative"}])
-    assert load_data(str(path))["test"].labels == [0]
 
 
 def test_json_suffix_is_read_as_json_lines(tmp_path):
@@ -167,12 +161,6 @@ def test_parquet_with_label_ids(tmp_path):
     assert split.labels == [2, 0]
 
 
-def test_parquet_with_label_names(tmp_path):
-    path = tmp_path / "test.parquet"
-    pd.DataFrame({"text": ["up", "flat"], "label": ["positive", "neutral"]}).to_parquet(path)
-    assert load_data(str(path))["test"].labels == [2, 1]
-
-
 def test_custom_column_names(tmp_path):
     path = write_csv(tmp_path / "test.csv", "tweet,sentiment\nhello,neutral\n")
     split = load_data(str(path), text_column="tweet", label_column="sentiment")["test"]
@@ -184,7 +172,14 @@ def test_single_file_with_other_stem_becomes_the_test_split(tmp_path):
     assert list(load_data(str(path))) == ["test"]
 
 
-# --- folders of split files and split=path mappings ----------------------------------------------------
+def test_unsupported_extension_lists_supported_ones(tmp_path):
+    path = tmp_path / "train.xlsx"
+    path.write_bytes(b"")
+    with pytest.raises(UserError, match=r"unsupported file type '\.xlsx'; use \.csv, \.jsonl, \.json, \.parquet"):
+        load_data(str(path))
+
+
+# --- layouts: folders of split files and split=path mappings ------------------------------------------------
 
 
 def test_folder_of_split_files_in_mixed_formats(tmp_path):
@@ -235,167 +230,12 @@ def test_split_mapping_string_rejects_unknown_split_names(tmp_path):
         load_data(f"trian={path}")
 
 
-# --- choosing the source -------------------------------------------------------------------------------
+def test_split_mapping_with_a_missing_file_names_the_split_and_the_path(tmp_path):
+    with pytest.raises(UserError, match=r"train file in --data .*gone\.csv: no such file; check the path"):
+        load_data(f"train={tmp_path / 'gone.csv'}")
 
 
-def test_resolve_data_spec_prefers_argument_then_env_then_default(monkeypatch):
-    monkeypatch.delenv("DORATWEET_DATA", raising=False)
-    assert resolve_data_spec(None) == DEFAULT_DATA == "tweet_eval"
-    monkeypatch.setenv("DORATWEET_DATA", "")
-    assert resolve_data_spec(None) == "tweet_eval"
-    monkeypatch.setenv("DORATWEET_DATA", "/data/x.csv")
-    assert resolve_data_spec(None) == "/data/x.csv"
-    assert resolve_data_spec("other.csv") == "other.csv"
-
-
-def test_env_variable_chooses_the_data_when_spec_is_none(tmp_path, monkeypatch):
-    path = write_csv(tmp_path / "train.csv", "text,label\nfrom env,2\n")
-    monkeypatch.setenv("DORATWEET_DATA", str(path))
-    assert load_data()["train"].texts == ["from env"]
-
-
-def test_load_split_normalises_the_split_name(tmp_path):
-    write_csv(tmp_path / "dev.csv", "text,label\nhi,1\n")
-    split = load_split(str(tmp_path), "VAL")
-    assert split.name == "validation"
-    assert split.texts == ["hi"]
-
-
-def test_load_split_lists_available_splits_when_absent(tmp_path):
-    path = write_csv(tmp_path / "train.csv", "text,label\nhi,1\n")
-    with pytest.raises(UserError, match=r"no 'test' split \(it has: train\)"):
-        load_split(str(path), "test")
-
-
-def test_head_takes_the_first_rows():
-    split = Split("train", ["a", "b", "c"], [0, 1, 2], "memory")
-    assert split.head(2) == Split("train", ["a", "b"], [0, 1], "memory")
-    assert split.head(None) is split
-    assert len(split.head(10)) == 3
-
-
-# --- user errors ---------------------------------------------------------------------------------------
-
-
-def test_missing_path_is_an_error(tmp_path):
-    with pytest.raises(UserError, match=r"--data .*nope\.csv: no such file or folder"):
-        load_data(str(tmp_path / "nope.csv"))
-
-
-def test_missing_path_from_env_names_the_variable(tmp_path, monkeypatch):
-    monkeypatch.setenv("DORATWEET_DATA", str(tmp_path / "gone"))
-    with pytest.raises(UserError, match=r"^DORATWEET_DATA .*gone: no such file or folder"):
-        load_data()
-
-
-def test_unsupported_extension_lists_supported_ones(tmp_path):
-    path = tmp_path / "train.xlsx"
-    path.write_bytes(b"")
-    with pytest.raises(UserError, match=r"unsupported file type '\.xlsx'; use \.csv, \.jsonl, \.json, \.parquet"):
-        load_data(str(path))
-
-
-def test_missing_text_column_lists_available_columns_and_option(tmp_path):
-    path = write_csv(tmp_path / "train.csv", "tweet,label\nhi,0\n")
-    expected = r"no column 'text' \(columns: 'tweet', 'label'\); choose one with --text-column"
-    with pytest.raises(UserError, match=expected):
-        load_data(str(path))
-
-
-def test_missing_label_column_names_the_label_option(tmp_path):
-    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "hi", "y": 0}])
-    with pytest.raises(UserError, match=r"no column 'label' \(columns: 'text', 'y'\); choose one with --label-column"):
-        load_data(str(path))
-
-
-def test_unknown_label_shows_value_line_and_accepted_labels(tmp_path):
-    path = write_csv(tmp_path / "train.csv", "text,label\nok,1\nhmm,meh\n")
-    expected = r"train\.csv:3: unknown label 'meh'; accepted: 0, 1, 2, negative, neutral, positive"
-    with pytest.raises(UserError, match=expected):
-        load_data(str(path))
-
-
-def test_empty_csv_text_names_the_line(tmp_path):
-    path = write_csv(tmp_path / "train.csv", "text,label\nok,1\n  ,2\n")
-    with pytest.raises(UserError, match=r"train\.csv:3: empty text"):
-        load_data(str(path))
-
-
-def test_null_parquet_text_names_the_row(tmp_path):
-    path = tmp_path / "train.parquet"
-    pd.DataFrame({"text": ["ok", None], "label": [1, 2]}).to_parquet(path)
-    with pytest.raises(UserError, match=r"train\.parquet row 2: empty text"):
-        load_data(str(path))
-
-
-def test_undecodable_csv_names_the_line(tmp_path):
-    path = tmp_path / "train.csv"
-    path.write_bytes(b"text,label\nok,1\n\xff\xfe,2\n")
-    with pytest.raises(UserError, match=r"train\.csv:3: not valid UTF-8"):
-        load_data(str(path))
-
-
-def test_csv_row_with_an_unquoted_comma_is_an_error(tmp_path):
-    path = write_csv(tmp_path / "train.csv", "text,label\nwell, ok,1\n")
-    with pytest.raises(UserError, match=r"train\.csv:2: more fields than the header"):
-        load_data(str(path))
-
-
-def test_malformed_json_line_names_the_line(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text('{"text": "ok", "label": 1}\n{"text": "broken", \n')
-    with pytest.raises(UserError, match=r"train\.jsonl:2: malformed JSON"):
-        load_data(str(path))
-
-
-def test_errors_are_one_line(tmp_path):
-    path = write_csv(tmp_path / "train.csv", "text,label\nhmm,meh\n")
-    with pytest.raises(UserError) as raised:
-        load_data(str(path))
-    assert "\n" not in str(raised.value)
-
-
-# --- skip_bad_rows -------------------------------------------------------------------------------------
-
-
-def test_skip_bad_rows_drops_them_and_logs_one_count(tmp_path, caplog):
-    path = write_csv(tmp_path / "train.csv", "text,label\nok,1\n,2\nhmm,meh\nfine,positive\nx,9\n")
-    with caplog.at_level(logging.WARNING, logger="doratweet.data"):
-        split = load_data(str(path), skip_bad_rows=True)["train"]
-    assert split.texts == ["ok", "fine"]
-    assert split.labels == [1, 2]
-    warnings = [record for record in caplog.records if record.name == "doratweet.data"]
-    assert len(warnings) == 1
-    assert warnings[0].levelno == logging.WARNING
-    assert warnings[0].getMessage().startswith("skipped 3 bad rows in train (first: ")
-    assert "train.csv:3: empty text" in warnings[0].getMessage()
-
-
-def test_skip_bad_rows_counts_malformed_json_lines(tmp_path, caplog):
-    path = tmp_path / "test.jsonl"
-    path.write_text('{"text": "ok", "label": 1}\nnot json\n{"text": "bad", "label": "meh"}\n')
-    with caplog.at_level(logging.WARNING, logger="doratweet.data"):
-        split = load_data(str(path), skip_bad_rows=True)["test"]
-    assert split.texts == ["ok"]
-    assert "skipped 2 bad rows in test" in caplog.text
-
-
-def test_skip_bad_rows_keeps_tweeteval_text_and_label_aligned(tmp_path, caplog):
-    folder = write_tweeteval(tmp_path, {"train": ("a\n\nc\nd\n", "0\n1\nx\n2\n")})
-    with caplog.at_level(logging.WARNING, logger="doratweet.data"):
-        split = load_data(str(folder), skip_bad_rows=True)["train"]
-    assert (split.texts, split.labels) == (["a", "d"], [0, 2])
-    assert "skipped 2 bad rows in train" in caplog.text
-
-
-def test_no_warning_when_nothing_is_skipped(tmp_path, caplog):
-    path = write_csv(tmp_path / "train.csv", "text,label\nok,1\n")
-    with caplog.at_level(logging.WARNING, logger="doratweet.data"):
-        load_data(str(path), skip_bad_rows=True)
-    assert caplog.records == []
-
-
-# --- the Hugging Face Hub (never the network: load_dataset is replaced) ---------------------------------
+# --- layouts: the Hugging Face Hub (never the network: load_dataset is replaced) ----------------------------
 
 
 def test_hub_default_loads_tweet_eval_sentiment(monkeypatch):
@@ -438,80 +278,347 @@ def test_hub_unreachable_suggests_a_local_copy(monkeypatch):
     assert "\n" not in message
 
 
-# --- prediction input: the texts `doratweet predict --input FILE` labels ------------------------------
+# --- choosing the source and the split ----------------------------------------------------------------------
 
 
-def read_texts(path, text_column: str = "text") -> list[str]:
-    """What predict prints labels for; it streams the same rows to --output (batch_predict.iter_input_rows)."""
-    return read_prediction_input(str(path), [], text_column)
+def test_resolve_data_spec_prefers_argument_then_env_then_default(monkeypatch):
+    monkeypatch.delenv("DORATWEET_DATA", raising=False)
+    assert resolve_data_spec(None) == DEFAULT_DATA == "tweet_eval"
+    monkeypatch.setenv("DORATWEET_DATA", "")
+    assert resolve_data_spec(None) == "tweet_eval"
+    monkeypatch.setenv("DORATWEET_DATA", "/data/x.csv")
+    assert resolve_data_spec(None) == "/data/x.csv"
+    assert resolve_data_spec("other.csv") == "other.csv"
 
 
-def test_read_texts_from_txt_strips_each_line(tmp_path):
-    path = tmp_path / "in.txt"
-    path.write_text(" first \nsecond\rpart\n")
-    assert read_texts(path) == ["first", "second\rpart"]
+def test_env_variable_chooses_the_data_when_spec_is_none(tmp_path, monkeypatch):
+    path = write_csv(tmp_path / "train.csv", "text,label\nfrom env,2\n")
+    monkeypatch.setenv("DORATWEET_DATA", str(path))
+    assert load_data()["train"].texts == ["from env"]
 
 
-def test_read_texts_blank_line_is_an_empty_text(tmp_path):
-    path = tmp_path / "in.txt"
-    path.write_text("first\n\nthird\n")
-    assert read_texts(path) == ["first", "", "third"]
+def test_missing_path_is_an_error(tmp_path):
+    with pytest.raises(UserError, match=r"--data .*nope\.csv: no such file or folder"):
+        load_data(str(tmp_path / "nope.csv"))
 
 
-def test_read_texts_from_csv(tmp_path):
-    path = write_csv(tmp_path / "in.csv", "id,text\n1, hi \n2,there\n")
-    assert read_texts(path) == ["hi", "there"]
+def test_missing_path_from_env_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("DORATWEET_DATA", str(tmp_path / "gone"))
+    with pytest.raises(UserError, match=r"^DORATWEET_DATA .*gone: no such file or folder"):
+        load_data()
 
 
-def test_read_texts_from_jsonl_with_custom_column(tmp_path):
-    path = write_jsonl(tmp_path / "in.jsonl", [{"tweet": "a"}, {"tweet": "b"}])
-    assert read_texts(path, text_column="tweet") == ["a", "b"]
+def test_load_split_normalises_the_split_name(tmp_path):
+    write_csv(tmp_path / "dev.csv", "text,label\nhi,1\n")
+    split = load_split(str(tmp_path), "VAL")
+    assert split.name == "validation"
+    assert split.texts == ["hi"]
 
 
-def test_read_texts_from_parquet(tmp_path):
-    path = tmp_path / "in.parquet"
-    pd.DataFrame({"text": ["x", "y"]}).to_parquet(path)
-    assert read_texts(str(path)) == ["x", "y"]
+def test_load_split_lists_available_splits_when_absent(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "text,label\nhi,1\n")
+    with pytest.raises(UserError, match=r"no 'test' split \(it has: train\)"):
+        load_split(str(path), "test")
 
 
-def test_read_texts_missing_column_lists_available(tmp_path):
-    path = write_csv(tmp_path / "in.csv", "tweet\nhi\n")
-    with pytest.raises(UserError, match=r"no column 'text' \(columns: 'tweet'\); choose one with --text-column"):
-        read_texts(path)
+def test_head_takes_the_first_rows():
+    split = Split("train", ["a", "b", "c"], [0, 1, 2], "memory")
+    assert split.head(2) == Split("train", ["a", "b"], [0, 1], "memory")
+    assert split.head(None) is split
+    assert len(split.head(10)) == 3
+
+
+# --- labels: ids or names; anything else names its line and the accepted labels -----------------------------
+
+
+def test_csv_with_label_names_in_any_case(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "text,label\nawful,Negative\nok, NEUTRAL \nyay,positive\n")
+    assert load_data(str(path))["train"].labels == [0, 1, 2]
+
+
+def test_jsonl_with_label_names(tmp_path):
+    path = write_jsonl(tmp_path / "test.jsonl", [{"text": "boo", "label": "negative"}])
+    assert load_data(str(path))["test"].labels == [0]
+
+
+def test_parquet_with_label_names(tmp_path):
+    path = tmp_path / "test.parquet"
+    pd.DataFrame({"text": ["up", "flat"], "label": ["positive", "neutral"]}).to_parquet(path)
+    assert load_data(str(path))["test"].labels == [2, 1]
+
+
+def test_unknown_label_shows_value_line_and_accepted_labels(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "text,label\nok,1\nhmm,meh\n")
+    expected = r"train\.csv:3: unknown label 'meh'; accepted: 0, 1, 2, negative, neutral, positive"
+    with pytest.raises(UserError, match=expected):
+        load_data(str(path))
+
+
+def test_tweeteval_label_out_of_range_names_file_and_line(tmp_path):
+    folder = write_tweeteval(tmp_path, {"train": ("a\nb\n", "0\n7\n")})
+    with pytest.raises(UserError, match=r"train_labels\.txt:2: unknown label '7'"):
+        load_data(str(folder))
+
+
+def test_jsonl_label_out_of_range_names_the_line(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 3}])
+    with pytest.raises(UserError, match=r"train\.jsonl:2: unknown label 3; accepted: 0, 1, 2, negative"):
+        load_data(str(path))
+
+
+def test_parquet_label_out_of_range_names_the_row(tmp_path):
+    path = tmp_path / "train.parquet"
+    pd.DataFrame({"text": ["a", "b"], "label": [0, -1]}).to_parquet(path)
+    with pytest.raises(UserError, match=r"train\.parquet row 2: unknown label -1; accepted: "):
+        load_data(str(path))
+
+
+def test_fractional_label_is_not_rounded(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 1.5}])
+    with pytest.raises(UserError, match=r"train\.jsonl:1: unknown label 1\.5"):
+        load_data(str(path))
+
+
+def test_csv_row_with_a_missing_field_reports_the_missing_label(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "text,label\nfine,0\nno label here\n")
+    with pytest.raises(UserError, match=r"train\.csv:3: missing label"):
+        load_data(str(path))
+
+
+# --- texts: an empty or whitespace-only text, and a text longer than MAX_TEXT_CHARS (a 1 MB "tweet") --------
+
+
+def test_tweeteval_blank_tweet_names_file_and_line(tmp_path):
+    folder = write_tweeteval(tmp_path, {"val": ("ok\n   \n", "0\n1\n")})
+    with pytest.raises(UserError, match=r"val_text\.txt:2: empty text"):
+        load_data(str(folder))
+
+
+def test_empty_csv_text_names_the_line(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "text,label\nok,1\n  ,2\n")
+    with pytest.raises(UserError, match=r"train\.csv:3: empty text"):
+        load_data(str(path))
+
+
+def test_null_parquet_text_names_the_row(tmp_path):
+    path = tmp_path / "train.parquet"
+    pd.DataFrame({"text": ["ok", None], "label": [1, 2]}).to_parquet(path)
+    with pytest.raises(UserError, match=r"train\.parquet row 2: empty text"):
+        load_data(str(path))
+
+
+def test_jsonl_whitespace_text_names_the_line(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "ok", "label": 0}, {"text": " \t ", "label": 1}])
+    with pytest.raises(UserError, match=r"train\.jsonl:2: empty text; fix the row or pass --skip-bad-rows"):
+        load_data(str(path))
+
+
+def test_jsonl_row_without_the_text_field_is_an_empty_text(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "ok", "label": 0}, {"label": 1}])
+    with pytest.raises(UserError, match=r"train\.jsonl:2: empty text"):
+        load_data(str(path))
+
+
+def test_parquet_whitespace_text_names_the_row(tmp_path):
+    path = tmp_path / "train.parquet"
+    pd.DataFrame({"text": ["ok", "   "], "label": [0, 1]}).to_parquet(path)
+    with pytest.raises(UserError, match=r"train\.parquet row 2: empty text"):
+        load_data(str(path))
+
+
+def test_max_text_chars_is_far_above_a_tweet():
+    assert 280 < MAX_TEXT_CHARS == 5_000
+
+
+def test_one_megabyte_csv_text_is_rejected_naming_file_and_line(tmp_path):
+    path = write_csv(tmp_path / "train.csv", f"text,label\nok,0\n{'x' * 1_000_000},1\n")
+    expected = (
+        r"train\.csv:3: text is 1,000,000 characters, over the 5,000 allowed \(a tweet has at most 280\); "
+        r"shorten it or pass --skip-bad-rows to drop bad rows$"
+    )
+    with pytest.raises(UserError, match=expected):
+        load_data(str(path))
+
+
+def test_one_megabyte_tweeteval_text_names_the_text_file_and_line(tmp_path):
+    folder = write_tweeteval(tmp_path, {"train": (f"ok\n{'y' * 1_000_000}\n", "0\n1\n")})
+    with pytest.raises(UserError, match=r"train_text\.txt:2: text is 1,000,000 characters"):
+        load_data(str(folder))
+
+
+def test_one_megabyte_jsonl_text_names_the_line(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "z" * 1_000_000, "label": 2}])
+    with pytest.raises(UserError, match=r"train\.jsonl:1: text is 1,000,000 characters"):
+        load_data(str(path))
+
+
+def test_one_megabyte_parquet_text_names_the_row(tmp_path):
+    path = tmp_path / "train.parquet"
+    pd.DataFrame({"text": ["ok", "w" * 1_000_000], "label": [0, 1]}).to_parquet(path)
+    with pytest.raises(UserError, match=r"train\.parquet row 2: text is 1,000,000 characters"):
+        load_data(str(path))
+
+
+def test_a_text_of_exactly_max_text_chars_is_kept_and_padding_does_not_count(tmp_path):
+    longest = "a" * MAX_TEXT_CHARS
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": f"  {longest}  ", "label": 1}])
+    assert load_data(str(path))["train"].texts == [longest]
+
+
+# --- duplicate ids in a table's id column -------------------------------------------------------------------
+
+
+def test_csv_duplicate_id_names_both_lines_and_the_fix(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "id,text,label\n1,a,0\n2,b,1\n1,c,2\n")
+    message = raised_message(path)
+    assert message.startswith(f"{path}:4: duplicate id '1', first used on {path}:2; ")
+    assert message.endswith("give each row its own id or pass --skip-bad-rows to drop bad rows")
+
+
+def test_jsonl_duplicate_id_compares_numbers_and_strings_as_text(tmp_path):
+    records = [{"id": 7, "text": "a", "label": 0}, {"id": "7", "text": "b", "label": 1}]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    with pytest.raises(UserError, match=r"train\.jsonl:2: duplicate id '7', first used on .*train\.jsonl:1"):
+        load_data(str(path))
+
+
+def test_parquet_duplicate_id_names_both_rows(tmp_path):
+    path = tmp_path / "train.parquet"
+    pd.DataFrame({"id": [10, 11, 10], "text": ["a", "b", "c"], "label": [0, 1, 2]}).to_parquet(path)
+    with pytest.raises(UserError, match=r"train\.parquet row 3: duplicate id 10, first used on .*train\.parquet row 1"):
+        load_data(str(path))
+
+
+def test_skip_bad_rows_keeps_the_first_row_of_each_id(tmp_path, caplog):
+    path = write_csv(tmp_path / "train.csv", "id,text,label\n1,a,0\n2,b,1\n1,c,2\n2,d,2\n3,e,0\n")
+    with caplog.at_level(logging.WARNING, logger="doratweet.data"):
+        split = load_data(str(path), skip_bad_rows=True)["train"]
+    assert (split.texts, split.labels) == (["a", "b", "e"], [0, 1, 0])
+    assert "skipped 2 bad rows in train (first: " in caplog.text
+    assert "train.csv:4: duplicate id '1'" in caplog.text
+
+
+def test_a_skipped_bad_row_does_not_claim_its_id(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "id,text,label\n1,,0\n1,b,1\n")
+    split = load_data(str(path), skip_bad_rows=True)["train"]
+    assert (split.texts, split.labels) == (["b"], [1])
+
+
+def test_blank_ids_are_not_duplicates(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "id,text,label\n,a,0\n,b,1\n")
+    assert load_data(str(path))["train"].texts == ["a", "b"]
+
+
+def test_id_column_can_be_renamed_or_turned_off(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "tweet_id,text,label\n5,a,0\n5,b,1\n")
+    assert load_data(str(path))["train"].texts == ["a", "b"]  # no "id" column: nothing to check
+    with pytest.raises(UserError, match=r"train\.csv:3: duplicate id '5'"):
+        load_data(str(path), id_column="tweet_id")
+    assert len(load_data(str(path), id_column=None)["train"]) == 2
+
+
+def test_tweeteval_line_numbers_are_not_ids(tmp_path):
+    folder = write_tweeteval(tmp_path, {"train": ("same\nsame\n", "0\n0\n")})
+    assert load_data(str(folder))["train"].texts == ["same", "same"]
+
+
+# --- bad rows: one line each; --skip-bad-rows drops and counts them, never a whole-file problem -------------
+
+
+def test_errors_are_one_line(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "text,label\nhmm,meh\n")
+    with pytest.raises(UserError) as raised:
+        load_data(str(path))
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("train.csv", b""),
+        ("train.csv", b"text,label\nx,0\n" + b"y" * 200_000 + b",1\n"),
+        ("train.csv", b'text,label\n"open,0\nmore\n'),
+        ("train.csv", b"id,text,label\n1,a,0\n1,b,1\n"),
+        ("train.csv", b"text,label\r\nok,1\r\nbad,\r\n"),
+        ("train.jsonl", b'{"text": "a\\nb", "label": "bad\\nlabel"}\n'),
+        ("train.jsonl", b"\xef\xbb\xbf\xff\n"),
+    ],
+)
+def test_messy_file_errors_are_one_line(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    message = raised_message(path)
+    assert "\n" not in message and "\r" not in message
+    assert name in message
+
+
+def test_skip_bad_rows_drops_them_and_logs_one_count(tmp_path, caplog):
+    path = write_csv(tmp_path / "train.csv", "text,label\nok,1\n,2\nhmm,meh\nfine,positive\nx,9\n")
+    with caplog.at_level(logging.WARNING, logger="doratweet.data"):
+        split = load_data(str(path), skip_bad_rows=True)["train"]
+    assert split.texts == ["ok", "fine"]
+    assert split.labels == [1, 2]
+    warnings = [record for record in caplog.records if record.name == "doratweet.data"]
+    assert len(warnings) == 1
+    assert warnings[0].levelno == logging.WARNING
+    assert warnings[0].getMessage().startswith("skipped 3 bad rows in train (first: ")
+    assert "train.csv:3: empty text" in warnings[0].getMessage()
+
+
+def test_skip_bad_rows_counts_malformed_json_lines(tmp_path, caplog):
+    path = tmp_path / "test.jsonl"
+    path.write_text('{"text": "ok", "label": 1}\nnot json\n{"text": "bad", "label": "meh"}\n')
+    with caplog.at_level(logging.WARNING, logger="doratweet.data"):
+        split = load_data(str(path), skip_bad_rows=True)["test"]
+    assert split.texts == ["ok"]
+    assert "skipped 2 bad rows in test" in caplog.text
+
+
+def test_skip_bad_rows_keeps_tweeteval_text_and_label_aligned(tmp_path, caplog):
+    folder = write_tweeteval(tmp_path, {"train": ("a\n\nc\nd\n", "0\n1\nx\n2\n")})
+    with caplog.at_level(logging.WARNING, logger="doratweet.data"):
+        split = load_data(str(folder), skip_bad_rows=True)["train"]
+    assert (split.texts, split.labels) == (["a", "d"], [0, 2])
+    assert "skipped 2 bad rows in train" in caplog.text
+
+
+def test_skip_bad_rows_drops_csv_rows_with_extra_fields(tmp_path, caplog):
+    path = write_csv(tmp_path / "train.csv", "text,label\nfine,0\nwell, ok,2\ngood,2\n")
+    with caplog.at_level(logging.WARNING, logger="doratweet.data"):
+        split = load_data(str(path), skip_bad_rows=True)["train"]
+    assert (split.texts, split.labels) == (["fine", "good"], [0, 2])
+    assert "skipped 1 bad row in train (first: " in caplog.text
+
+
+def test_skip_bad_rows_drops_a_one_megabyte_csv_text(tmp_path, caplog):
+    path = write_csv(tmp_path / "train.csv", f'text,label\nok,0\n"{"x" * 1_000_000}",1\nfine,2\n')
+    with caplog.at_level(logging.WARNING, logger="doratweet.data"):
+        split = load_data(str(path), skip_bad_rows=True)["train"]
+    assert (split.texts, split.labels) == (["ok", "fine"], [0, 2])
+    assert "skipped 1 bad row in train (first: " in caplog.text
+    assert "train.csv:3: text is 1,000,000 characters" in caplog.text
+
+
+def test_no_warning_when_nothing_is_skipped(tmp_path, caplog):
+    path = write_csv(tmp_path / "train.csv", "text,label\nok,1\n")
+    with caplog.at_level(logging.WARNING, logger="doratweet.data"):
+        load_data(str(path), skip_bad_rows=True)
+    assert caplog.records == []
+
+
+def test_undecodable_bytes_are_an_error_even_with_skip_bad_rows(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"text,label\nok,1\ncaf\xe9,2\n")
+    with pytest.raises(UserError, match=r"train\.csv:3: not valid UTF-8"):
+        load_data(str(path), skip_bad_rows=True)
+
+
+# --- reading files (tables.py, shared with predict --input): missing and empty files ------------------------
 
 
 def test_read_texts_missing_file_is_an_error(tmp_path):
     with pytest.raises(UserError, match=r"missing\.txt: no such file"):
         read_texts(tmp_path / "missing.txt")
-
-
-
-# --- messy files, case by case (docs/reliability.md) -----------------------------------------------------
-# Every error below is a UserError whose one-line message names the file, the line (or Parquet row) and
-# the fix.
-
-
-def raised_message(spec, **options) -> str:
-    with pytest.raises(UserError) as raised:
-        load_data(str(spec), **options)
-    return str(raised.value)
-
-
-# 1. a missing file
-
-
-def test_split_mapping_with_a_missing_file_names_the_split_and_the_path(tmp_path):
-    with pytest.raises(UserError, match=r"train file in --data .*gone\.csv: no such file; check the path"):
-        load_data(f"train={tmp_path / 'gone.csv'}")
-
-
-def test_tweeteval_labels_file_without_text_file_is_an_error(tmp_path):
-    (tmp_path / "test_labels.txt").write_text("0\n")
-    with pytest.raises(UserError, match=r"test_labels\.txt has no partner test_text\.txt"):
-        load_data(str(tmp_path))
-
-
-# 2. an empty file: an error naming the file, never a silently empty split
 
 
 def test_tweeteval_empty_text_and_label_files_are_an_error(tmp_path):
@@ -584,7 +691,20 @@ def test_read_texts_csv_with_only_a_header_is_an_error(tmp_path):
         read_texts(path)
 
 
-# 3. wrong or missing columns
+# --- reading files: columns ---------------------------------------------------------------------------------
+
+
+def test_missing_text_column_lists_available_columns_and_option(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "tweet,label\nhi,0\n")
+    expected = r"no column 'text' \(columns: 'tweet', 'label'\); choose one with --text-column"
+    with pytest.raises(UserError, match=expected):
+        load_data(str(path))
+
+
+def test_missing_label_column_names_the_label_option(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "hi", "y": 0}])
+    with pytest.raises(UserError, match=r"no column 'label' \(columns: 'text', 'y'\); choose one with --label-column"):
+        load_data(str(path))
 
 
 def test_parquet_missing_text_column_lists_available_columns(tmp_path):
@@ -592,6 +712,12 @@ def test_parquet_missing_text_column_lists_available_columns(tmp_path):
     pd.DataFrame({"tweet": ["hi"], "label": [0]}).to_parquet(path)
     with pytest.raises(UserError, match=r"train\.parquet: no column 'text' \(columns: 'tweet', 'label'\); choose one"):
         load_data(str(path))
+
+
+def test_read_texts_missing_column_lists_available(tmp_path):
+    path = write_csv(tmp_path / "in.csv", "tweet\nhi\n")
+    with pytest.raises(UserError, match=r"no column 'text' \(columns: 'tweet'\); choose one with --text-column"):
+        read_texts(path)
 
 
 def test_read_texts_jsonl_missing_column_lists_available(tmp_path):
@@ -607,25 +733,25 @@ def test_csv_header_naming_a_column_twice_is_an_error(tmp_path):
         load_data(str(path))
 
 
+# --- reading files: CSV and JSON Lines syntax ---------------------------------------------------------------
+
+
+def test_csv_keeps_text_that_pandas_would_read_as_missing(tmp_path):
+    path = write_csv(tmp_path / "test.csv", "text,label\nNA,1\nnull,0\n")
+    assert load_data(str(path))["test"].texts == ["NA", "null"]
+
+
+def test_csv_row_with_an_unquoted_comma_is_an_error(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "text,label\nwell, ok,1\n")
+    with pytest.raises(UserError, match=r"train\.csv:2: more fields than the header"):
+        load_data(str(path))
+
+
 def test_csv_row_with_an_extra_field_names_its_own_line(tmp_path):
     path = write_csv(tmp_path / "train.csv", "text,label\nfine,0\nalso fine,1\nwell, ok,2\n")
     expected = r"train\.csv:4: more fields than the header has columns \(3, not 2\); quote texts that contain commas"
     with pytest.raises(UserError, match=expected):
         load_data(str(path))
-
-
-def test_csv_row_with_a_missing_field_reports_the_missing_label(tmp_path):
-    path = write_csv(tmp_path / "train.csv", "text,label\nfine,0\nno label here\n")
-    with pytest.raises(UserError, match=r"train\.csv:3: missing label"):
-        load_data(str(path))
-
-
-def test_skip_bad_rows_drops_csv_rows_with_extra_fields(tmp_path, caplog):
-    path = write_csv(tmp_path / "train.csv", "text,label\nfine,0\nwell, ok,2\ngood,2\n")
-    with caplog.at_level(logging.WARNING, logger="doratweet.data"):
-        split = load_data(str(path), skip_bad_rows=True)["train"]
-    assert (split.texts, split.labels) == (["fine", "good"], [0, 2])
-    assert "skipped 1 bad row in train (first: " in caplog.text
 
 
 def test_csv_quote_never_closed_names_the_line_it_opens_on(tmp_path):
@@ -634,71 +760,40 @@ def test_csv_quote_never_closed_names_the_line_it_opens_on(tmp_path):
         load_data(str(path))
 
 
-# 4. TweetEval text and label files of different lengths
+def test_csv_line_numbers_count_line_breaks_inside_quoted_texts(tmp_path):
+    path = write_csv(tmp_path / "train.csv", 'text,label\n"one\ntwo\nthree",1\nbad,9\n')
+    with pytest.raises(UserError, match=r"train\.csv:5: unknown label '9'"):
+        load_data(str(path))
 
 
-def test_tweeteval_count_mismatch_names_the_first_line_without_a_partner(tmp_path):
-    folder = write_tweeteval(tmp_path, {"train": ("a\nb\n", "0\n1\n2\n")})
-    with pytest.raises(UserError, match=r"the first line without a partner is train_labels\.txt:3\)"):
+def test_csv_blank_lines_are_ignored_but_still_counted(tmp_path):
+    path = write_csv(tmp_path / "train.csv", "text,label\n\nok,1\n\nbad,9\n")
+    with pytest.raises(UserError, match=r"train\.csv:5: unknown label '9'"):
+        load_data(str(path))
+
+
+def test_malformed_json_line_names_the_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "ok", "label": 1}\n{"text": "broken", \n')
+    with pytest.raises(UserError, match=r"train\.jsonl:2: malformed JSON"):
+        load_data(str(path))
+
+
+# --- reading files: encodings (not UTF-8 is an error at its line; UTF-16 is named; a BOM is ignored) --------
+
+
+def test_tweeteval_undecodable_bytes_name_file_and_line(tmp_path):
+    folder = write_tweeteval(tmp_path, {"test": ("ok\nok\n", "0\n1\n")})
+    (folder / "test_text.txt").write_bytes(b"ok\ncaf\xe9\n")
+    with pytest.raises(UserError, match=r"test_text\.txt:2: not valid UTF-8 \(byte 0xe9\)"):
         load_data(str(folder))
 
 
-def test_tweeteval_count_mismatch_is_an_error_even_with_skip_bad_rows(tmp_path):
-    folder = write_tweeteval(tmp_path, {"train": ("a\nb\nc\n", "0\n1\n")})
-    with pytest.raises(UserError, match=r"train_text\.txt has 3 lines but .*train_labels\.txt has 2"):
-        load_data(str(folder), skip_bad_rows=True)
-
-
-# 5. a label outside the mapping
-
-
-def test_jsonl_label_out_of_range_names_the_line(tmp_path):
-    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 3}])
-    with pytest.raises(UserError, match=r"train\.jsonl:2: unknown label 3; accepted: 0, 1, 2, negative"):
+def test_undecodable_csv_names_the_line(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"text,label\nok,1\n\xff\xfe,2\n")
+    with pytest.raises(UserError, match=r"train\.csv:3: not valid UTF-8"):
         load_data(str(path))
-
-
-def test_parquet_label_out_of_range_names_the_row(tmp_path):
-    path = tmp_path / "train.parquet"
-    pd.DataFrame({"text": ["a", "b"], "label": [0, -1]}).to_parquet(path)
-    with pytest.raises(UserError, match=r"train\.parquet row 2: unknown label -1; accepted: "):
-        load_data(str(path))
-
-
-def test_fractional_label_is_not_rounded(tmp_path):
-    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 1.5}])
-    with pytest.raises(UserError, match=r"train\.jsonl:1: unknown label 1\.5"):
-        load_data(str(path))
-
-
-# 6. an empty or whitespace-only text
-
-
-def test_jsonl_whitespace_text_names_the_line(tmp_path):
-    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "ok", "label": 0}, {"text": " \t ", "label": 1}])
-    with pytest.raises(UserError, match=r"train\.jsonl:2: empty text; fix the row or pass --skip-bad-rows"):
-        load_data(str(path))
-
-
-def test_jsonl_row_without_the_text_field_is_an_empty_text(tmp_path):
-    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "ok", "label": 0}, {"label": 1}])
-    with pytest.raises(UserError, match=r"train\.jsonl:2: empty text"):
-        load_data(str(path))
-
-
-def test_parquet_whitespace_text_names_the_row(tmp_path):
-    path = tmp_path / "train.parquet"
-    pd.DataFrame({"text": ["ok", "   "], "label": [0, 1]}).to_parquet(path)
-    with pytest.raises(UserError, match=r"train\.parquet row 2: empty text"):
-        load_data(str(path))
-
-
-def test_read_texts_empty_csv_cell_is_an_empty_text(tmp_path):
-    path = write_csv(tmp_path / "in.csv", "id,text\n1,hi\n2,  \n")
-    assert read_texts(path) == ["hi", ""]
-
-
-# 7. bytes that are not UTF-8: an error at the line, even with skip_bad_rows (the file is in another encoding)
 
 
 def test_undecodable_label_file_names_the_line(tmp_path):
@@ -714,13 +809,6 @@ def test_undecodable_jsonl_names_the_line(tmp_path):
     path.write_bytes(b'{"text": "ok", "label": 0}\r\n{"text": "caf\xe9", "label": 1}\r\n')
     with pytest.raises(UserError, match=r"train\.jsonl:2: not valid UTF-8 \(byte 0xe9\)"):
         load_data(str(path))
-
-
-def test_undecodable_bytes_are_an_error_even_with_skip_bad_rows(tmp_path):
-    path = tmp_path / "train.csv"
-    path.write_bytes(b"text,label\nok,1\ncaf\xe9,2\n")
-    with pytest.raises(UserError, match=r"train\.csv:3: not valid UTF-8"):
-        load_data(str(path), skip_bad_rows=True)
 
 
 def test_read_texts_undecodable_txt_names_the_line(tmp_path):
@@ -741,65 +829,47 @@ def test_a_utf16_data_file_is_named_as_utf16(tmp_path, name):
         load_data(str(tmp_path / name) if name != "train_text.txt" else str(tmp_path))
 
 
-# 8. a text longer than MAX_TEXT_CHARS (a 1 MB "tweet")
+def test_tweeteval_files_with_a_bom_are_read_without_it(tmp_path):
+    folder = write_tweeteval(tmp_path, {"train": ("\ufeffhello\nbye\n", "\ufeff2\n0\n")}, mapping="\ufeff" + MAPPING)
+    split = load_data(str(folder))["train"]
+    assert split.texts == ["hello", "bye"]
+    assert split.labels == [2, 0]
 
 
-def test_max_text_chars_is_far_above_a_tweet():
-    assert 280 < MAX_TEXT_CHARS == 5_000
+def test_csv_with_a_bom_finds_its_first_column(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\nhi,1\n", encoding="utf-8-sig")
+    split = load_data(str(path))["train"]
+    assert (split.texts, split.labels) == (["hi"], [1])
 
 
-def test_one_megabyte_csv_text_is_rejected_naming_file_and_line(tmp_path):
-    path = write_csv(tmp_path / "train.csv", f"text,label\nok,0\n{'x' * 1_000_000},1\n")
-    expected = (
-        r"train\.csv:3: text is 1,000,000 characters, over the 5,000 allowed \(a tweet has at most 280\); "
-        r"shorten it or pass --skip-bad-rows to drop bad rows$"
-    )
-    with pytest.raises(UserError, match=expected):
-        load_data(str(path))
+def test_jsonl_with_a_bom_reads_its_first_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "hi", "label": 1}\n', encoding="utf-8-sig")
+    assert load_data(str(path))["train"].texts == ["hi"]
 
 
-def test_one_megabyte_tweeteval_text_names_the_text_file_and_line(tmp_path):
-    folder = write_tweeteval(tmp_path, {"train": (f"ok\n{'y' * 1_000_000}\n", "0\n1\n")})
-    with pytest.raises(UserError, match=r"train_text\.txt:2: text is 1,000,000 characters"):
-        load_data(str(folder))
-
-
-def test_one_megabyte_jsonl_text_names_the_line(tmp_path):
-    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "z" * 1_000_000, "label": 2}])
-    with pytest.raises(UserError, match=r"train\.jsonl:1: text is 1,000,000 characters"):
-        load_data(str(path))
-
-
-def test_one_megabyte_parquet_text_names_the_row(tmp_path):
-    path = tmp_path / "train.parquet"
-    pd.DataFrame({"text": ["ok", "w" * 1_000_000], "label": [0, 1]}).to_parquet(path)
-    with pytest.raises(UserError, match=r"train\.parquet row 2: text is 1,000,000 characters"):
-        load_data(str(path))
-
-
-def test_skip_bad_rows_drops_a_one_megabyte_csv_text(tmp_path, caplog):
-    path = write_csv(tmp_path / "train.csv", f'text,label\nok,0\n"{"x" * 1_000_000}",1\nfine,2\n')
-    with caplog.at_level(logging.WARNING, logger="doratweet.data"):
-        split = load_data(str(path), skip_bad_rows=True)["train"]
-    assert (split.texts, split.labels) == (["ok", "fine"], [0, 2])
-    assert "skipped 1 bad row in train (first: " in caplog.text
-    assert "train.csv:3: text is 1,000,000 characters" in caplog.text
-
-
-def test_a_text_of_exactly_max_text_chars_is_kept_and_padding_does_not_count(tmp_path):
-    longest = "a" * MAX_TEXT_CHARS
-    path = write_jsonl(tmp_path / "train.jsonl", [{"text": f"  {longest}  ", "label": 1}])
-    assert load_data(str(path))["train"].texts == [longest]
-
-
-def test_read_texts_rejects_a_one_megabyte_line(tmp_path):
+def test_read_texts_with_a_bom_reads_the_first_text_without_it(tmp_path):
     path = tmp_path / "in.txt"
-    path.write_text(f"short\n{'q' * 1_000_000}\n")
-    with pytest.raises(UserError, match=r"in\.txt:2: text is 1,000,000 characters, .*; shorten it or remove that row$"):
-        read_texts(path)
+    path.write_text("first\nsecond\n", encoding="utf-8-sig")
+    assert read_texts(path) == ["first", "second"]
 
 
-# 9. mixed line endings: '\r\n' reads as '\n'; a lone '\r' is text in .txt/JSONL, a row end in CSV (outside quotes)
+def test_read_texts_csv_with_a_bom_finds_the_text_column(tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_text("text,id\nfirst,1\n", encoding="utf-8-sig")
+    assert read_texts(path) == ["first"]
+
+
+# --- reading files: line endings ('\r\n' reads as '\n'; a lone '\r' is text in .txt/JSONL, a row end in CSV) ---
+
+
+def test_tweeteval_folder_splits_only_on_newline(tmp_path):
+    # '\r' and U+2028 inside a tweet must not start a new row (str.splitlines would split there).
+    folder = write_tweeteval(tmp_path, {"test": ("one\rstill one\nsecond\u2028line\n", "0\n1\n")})
+    split = load_data(str(folder))["test"]
+    assert split.texts == ["one\rstill one", "second\u2028line"]
+    assert split.labels == [0, 1]
 
 
 def test_tweeteval_mixed_line_endings_keep_text_and_labels_aligned(tmp_path):
@@ -844,18 +914,6 @@ def test_csv_lone_cr_ends_a_row_outside_quotes_and_stays_inside_them(tmp_path):
     assert split.labels == [0, 2, 1]
 
 
-def test_csv_line_numbers_count_line_breaks_inside_quoted_texts(tmp_path):
-    path = write_csv(tmp_path / "train.csv", 'text,label\n"one\ntwo\nthree",1\nbad,9\n')
-    with pytest.raises(UserError, match=r"train\.csv:5: unknown label '9'"):
-        load_data(str(path))
-
-
-def test_csv_blank_lines_are_ignored_but_still_counted(tmp_path):
-    path = write_csv(tmp_path / "train.csv", "text,label\n\nok,1\n\nbad,9\n")
-    with pytest.raises(UserError, match=r"train\.csv:5: unknown label '9'"):
-        load_data(str(path))
-
-
 def test_jsonl_crlf_reads_like_lf(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_bytes(b'{"text": "a", "label": 0}\r\n{"text": "b", "label": 2}\n{"text": "c", "label": 1}\r\n')
@@ -869,116 +927,44 @@ def test_read_texts_crlf_txt_has_no_stray_cr(tmp_path):
     assert read_texts(path) == ["first", "second", "third"]
 
 
-# 10. a UTF-8 byte-order mark at the start of a file is ignored
+# --- reading files: prediction input, the texts `doratweet predict --input FILE` labels ---------------------
 
 
-def test_tweeteval_files_with_a_bom_are_read_without_it(tmp_path):
-    folder = write_tweeteval(tmp_path, {"train": ("\ufeffhello\nbye\n", "\ufeff2\n0\n")}, mapping="\ufeff" + MAPPING)
-    split = load_data(str(folder))["train"]
-    assert split.texts == ["hello", "bye"]
-    assert split.labels == [2, 0]
-
-
-def test_csv_with_a_bom_finds_its_first_column(tmp_path):
-    path = tmp_path / "train.csv"
-    path.write_text("text,label\nhi,1\n", encoding="utf-8-sig")
-    split = load_data(str(path))["train"]
-    assert (split.texts, split.labels) == (["hi"], [1])
-
-
-def test_jsonl_with_a_bom_reads_its_first_line(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text('{"text": "hi", "label": 1}\n', encoding="utf-8-sig")
-    assert load_data(str(path))["train"].texts == ["hi"]
-
-
-def test_read_texts_with_a_bom_reads_the_first_text_without_it(tmp_path):
+def test_read_texts_from_txt_strips_each_line(tmp_path):
     path = tmp_path / "in.txt"
-    path.write_text("first\nsecond\n", encoding="utf-8-sig")
-    assert read_texts(path) == ["first", "second"]
+    path.write_text(" first \nsecond\rpart\n")
+    assert read_texts(path) == ["first", "second\rpart"]
 
 
-def test_read_texts_csv_with_a_bom_finds_the_text_column(tmp_path):
-    path = tmp_path / "in.csv"
-    path.write_text("text,id\nfirst,1\n", encoding="utf-8-sig")
-    assert read_texts(path) == ["first"]
+def test_read_texts_blank_line_is_an_empty_text(tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_text("first\n\nthird\n")
+    assert read_texts(path) == ["first", "", "third"]
 
 
-# 11. duplicate ids in a table's id column
+def test_read_texts_from_csv(tmp_path):
+    path = write_csv(tmp_path / "in.csv", "id,text\n1, hi \n2,there\n")
+    assert read_texts(path) == ["hi", "there"]
 
 
-def test_csv_duplicate_id_names_both_lines_and_the_fix(tmp_path):
-    path = write_csv(tmp_path / "train.csv", "id,text,label\n1,a,0\n2,b,1\n1,c,2\n")
-    message = raised_message(path)
-    assert message.startswith(f"{path}:4: duplicate id '1', first used on {path}:2; ")
-    assert message.endswith("give each row its own id or pass --skip-bad-rows to drop bad rows")
+def test_read_texts_from_jsonl_with_custom_column(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"tweet": "a"}, {"tweet": "b"}])
+    assert read_texts(path, text_column="tweet") == ["a", "b"]
 
 
-def test_jsonl_duplicate_id_compares_numbers_and_strings_as_text(tmp_path):
-    records = [{"id": 7, "text": "a", "label": 0}, {"id": "7", "text": "b", "label": 1}]
-    path = write_jsonl(tmp_path / "train.jsonl", records)
-    with pytest.raises(UserError, match=r"train\.jsonl:2: duplicate id '7', first used on .*train\.jsonl:1"):
-        load_data(str(path))
+def test_read_texts_from_parquet(tmp_path):
+    path = tmp_path / "in.parquet"
+    pd.DataFrame({"text": ["x", "y"]}).to_parquet(path)
+    assert read_texts(str(path)) == ["x", "y"]
 
 
-def test_parquet_duplicate_id_names_both_rows(tmp_path):
-    path = tmp_path / "train.parquet"
-    pd.DataFrame({"id": [10, 11, 10], "text": ["a", "b", "c"], "label": [0, 1, 2]}).to_parquet(path)
-    with pytest.raises(UserError, match=r"train\.parquet row 3: duplicate id 10, first used on .*train\.parquet row 1"):
-        load_data(str(path))
+def test_read_texts_empty_csv_cell_is_an_empty_text(tmp_path):
+    path = write_csv(tmp_path / "in.csv", "id,text\n1,hi\n2,  \n")
+    assert read_texts(path) == ["hi", ""]
 
 
-def test_skip_bad_rows_keeps_the_first_row_of_each_id(tmp_path, caplog):
-    path = write_csv(tmp_path / "train.csv", "id,text,label\n1,a,0\n2,b,1\n1,c,2\n2,d,2\n3,e,0\n")
-    with caplog.at_level(logging.WARNING, logger="doratweet.data"):
-        split = load_data(str(path), skip_bad_rows=True)["train"]
-    assert (split.texts, split.labels) == (["a", "b", "e"], [0, 1, 0])
-    assert "skipped 2 bad rows in train (first: " in caplog.text
-    assert "train.csv:4: duplicate id '1'" in caplog.text
-
-
-def test_a_skipped_bad_row_does_not_claim_its_id(tmp_path):
-    path = write_csv(tmp_path / "train.csv", "id,text,label\n1,,0\n1,b,1\n")
-    split = load_data(str(path), skip_bad_rows=True)["train"]
-    assert (split.texts, split.labels) == (["b"], [1])
-
-
-def test_blank_ids_are_not_duplicates(tmp_path):
-    path = write_csv(tmp_path / "train.csv", "id,text,label\n,a,0\n,b,1\n")
-    assert load_data(str(path))["train"].texts == ["a", "b"]
-
-
-def test_id_column_can_be_renamed_or_turned_off(tmp_path):
-    path = write_csv(tmp_path / "train.csv", "tweet_id,text,label\n5,a,0\n5,b,1\n")
-    assert load_data(str(path))["train"].texts == ["a", "b"]  # no "id" column: nothing to check
-    with pytest.raises(UserError, match=r"train\.csv:3: duplicate id '5'"):
-        load_data(str(path), id_column="tweet_id")
-    assert len(load_data(str(path), id_column=None)["train"]) == 2
-
-
-def test_tweeteval_line_numbers_are_not_ids(tmp_path):
-    folder = write_tweeteval(tmp_path, {"train": ("same\nsame\n", "0\n0\n")})
-    assert load_data(str(folder))["train"].texts == ["same", "same"]
-
-
-# every messy case: the message is one line
-
-
-@pytest.mark.parametrize(
-    "name, content",
-    [
-        ("train.csv", b""),
-        ("train.csv", b"text,label\nx,0\n" + b"y" * 200_000 + b",1\n"),
-        ("train.csv", b'text,label\n"open,0\nmore\n'),
-        ("train.csv", b"id,text,label\n1,a,0\n1,b,1\n"),
-        ("train.csv", b"text,label\r\nok,1\r\nbad,\r\n"),
-        ("train.jsonl", b'{"text": "a\\nb", "label": "bad\\nlabel"}\n'),
-        ("train.jsonl", b"\xef\xbb\xbf\xff\n"),
-    ],
-)
-def test_messy_file_errors_are_one_line(tmp_path, name, content):
-    path = tmp_path / name
-    path.write_bytes(content)
-    message = raised_message(path)
-    assert "\n" not in message and "\r" not in message
-    assert name in message
+def test_read_texts_rejects_a_one_megabyte_line(tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_text(f"short\n{'q' * 1_000_000}\n")
+    with pytest.raises(UserError, match=r"in\.txt:2: text is 1,000,000 characters, .*; shorten it or remove that row$"):
+        read_texts(path)

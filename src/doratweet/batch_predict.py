@@ -1,24 +1,22 @@
 """File-to-file prediction for inputs of any size: stream, label in batches, append, resume.
 
-`predict_file` first reads the whole input once, a row at a time, to hash it and check every row, so a bad row
-is refused before anything is written. Then it reads the input a batch at a time (.txt and .jsonl line by
-line, .csv with Python's csv, .parquet with pyarrow's `iter_batches`), so memory holds one batch, never the
-file. Each labelled batch is appended to the output and flushed, then a progress file beside the output
-(`.NAME.progress`, replaced atomically) records how many rows and bytes are done and the SHA-256 of those
-bytes, with the SHA-256 of the input and the settings that decide the labels and their digits (adapter,
-options, batch size: padding changes the last digits, device). Resuming relies on it: an output is continued
-only when its progress file matches this input and these settings and its first bytes are the ones recorded;
-what follows them (rows written after the last record, a half-written row) is cut off and written again, so a
-resumed output is byte for byte the uninterrupted one. Any other existing file is refused unless `overwrite`.
-When the output is complete its progress file stays, marked complete, so a rerun can tell an output that is
-done from one that was changed since. Rows keep the input's order and its id column, when it has one.
+`predict_file` first reads the whole input once, a row at a time, to hash it and check every row, so a bad row is
+refused before anything is written. Then it reads the input a batch at a time (streamed by tables.py, which reads
+training data too), so memory holds one batch, never the file. Each labelled batch is appended to the output and
+flushed, then a progress file beside the output (`.NAME.progress`, replaced atomically) records how many rows and
+bytes are done and the SHA-256 of those bytes, with the SHA-256 of the input and the settings that decide the
+labels and their digits (adapter, options, batch size: padding changes the last digits, device). Resuming relies
+on it: an output is continued only when its progress file matches this input and these settings and its first
+bytes are the ones recorded; what follows them (rows written after the last record, a half-written row) is cut off
+and written again, so a resumed output is byte for byte the uninterrupted one. Any other existing file is refused
+unless `overwrite`. When the output is complete its progress file stays, marked complete, so a rerun can tell an
+output that is done from one that was changed since. Rows keep the input's order and its id column, when it has
+one.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -28,10 +26,10 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from . import LABELS, __version__
-from .data import ENCODING_SNIFF_BYTES, check_utf8_encoding, parse_json_line
+from . import __version__
 from .errors import UserError
 from .files import write_atomically
+from .tables import format_rows, open_table, prediction_columns, prediction_row, read_lines, require_column
 from .texts import text_problem
 
 log = logging.getLogger("doratweet")
@@ -39,9 +37,6 @@ log = logging.getLogger("doratweet")
 INPUT_SUFFIXES = (".txt", ".csv", ".jsonl", ".json", ".parquet")
 OUTPUT_FORMATS = ("jsonl", "csv")
 PROGRESS_WRITER = "doratweet predict"
-# OWASP's list for CSV injection: a cell starting with one of these is run as a formula by spreadsheets.
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-READ_CHUNK_ROWS = 4096  # rows pyarrow decodes at once: bounded memory, few Python round trips
 
 
 @dataclass(frozen=True)
@@ -68,145 +63,41 @@ def iter_input_rows(path: str | os.PathLike, text_column: str = "text", id_colum
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"--input {path}: no such file; check the path")
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return _txt_rows(path, raw_hasher)
-    if suffix in (".jsonl", ".json"):
-        return _jsonl_rows(path, text_column, id_column, raw_hasher)
-    if suffix == ".csv":
-        return _csv_rows(path, text_column, id_column, raw_hasher)
-    if suffix == ".parquet":
-        return _parquet_rows(path, text_column, id_column)
-    raise UserError(f"--input {path}: unsupported file type {path.suffix or '(none)'!r}; use {', '.join(INPUT_SUFFIXES)}")
+    if path.suffix.lower() not in INPUT_SUFFIXES:
+        raise UserError(f"--input {path}: unsupported file type {path.suffix or '(none)'!r}; "
+                        f"use {', '.join(INPUT_SUFFIXES)}")
+    return _input_rows(path, text_column, id_column, raw_hasher)
 
 
-def _binary_lines(path: Path, raw_hasher=None) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line) split on '\\n' only: tweets may hold '\\r' or U+2028."""
-    with path.open("rb") as handle:
-        yield from decoded_lines(path, handle, raw_hasher)
+def _input_rows(path: Path, text_column: str, id_column: str | None, raw_hasher) -> Iterator[InputRow]:
+    if path.suffix.lower() == ".txt":  # one text per line; a blank line is an empty text, so output row N is line N
+        for line_number, line in read_lines(path, raw_hasher=raw_hasher):
+            where = f"{path}:{line_number}"
+            yield InputRow(where, checked_text(where, line))
+        return
+    table = open_table(path, bad_row=_refuse_row, only_columns=[text_column, id_column], raw_hasher=raw_hasher)
+    if table.columns is not None:
+        require_column(path, table.columns, text_column, "--text-column")
+    for record in table.records:
+        if text_column not in record.fields:  # JSON Lines: each line names its own fields
+            fields = ", ".join(map(repr, record.fields))
+            raise UserError(f"{record.where}: no field {text_column!r} (fields: {fields}); choose one with --text-column")
+        row_id = record.fields.get(id_column) if id_column else None
+        yield InputRow(record.where, checked_text(record.where, record.fields[text_column]), row_id)
 
 
-def decoded_lines(name, handle, raw_hasher=None) -> Iterator[tuple[int, str]]:
-    """The lines of a seekable binary `handle` (a file, or stdin's bytes), each decoded as UTF-8 or refused
-    naming `name` and its line; a UTF-16 file is named as such, and a byte-order mark is dropped."""
-    check_utf8_encoding(name, handle.read(ENCODING_SNIFF_BYTES))
-    handle.seek(0)
-    for line_number, raw in enumerate(handle, start=1):
-        if raw_hasher is not None:
-            raw_hasher.update(raw)
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise UserError(f"{name}:{line_number}: not valid UTF-8 (byte 0x{raw[error.start]:02x}); "
-                            "re-save the file as UTF-8") from None
-        yield line_number, line.removeprefix("\ufeff") if line_number == 1 else line
+def _refuse_row(where: str, problem: str, fix: str = "fix or remove that line") -> None:
+    raise UserError(f"{where}: {problem}; {fix}")
 
 
-def _checked_text(where: str, value) -> str:
-    """The text stripped, by the rule every path follows (texts.py); else the row is named."""
+def checked_text(where: str, value, *, in_a_file: bool = True) -> str:
+    """The text stripped, by the rule every path follows (texts.py); else the text is named, and the fix said
+    (a row of a file may also be removed)."""
     problem = text_problem(value)
     if problem:
         fix = "shorten it" if problem.startswith("text is ") else "fix it"
-        raise UserError(f"{where}: {problem}; {fix} or remove that row")
+        raise UserError(f"{where}: {problem}; {fix}{' or remove that row' if in_a_file else ''}")
     return value.strip()
-
-
-def _txt_rows(path: Path, raw_hasher=None) -> Iterator[InputRow]:
-    """One text per line; a blank line is an empty text, so output row N is always input line N."""
-    for line_number, line in _binary_lines(path, raw_hasher):
-        where = f"{path}:{line_number}"
-        yield InputRow(where, _checked_text(where, line.rstrip("\n")))
-
-
-def _jsonl_rows(path: Path, text_column: str, id_column: str | None, raw_hasher=None) -> Iterator[InputRow]:
-    for line_number, line in _binary_lines(path, raw_hasher):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_number}"
-        try:
-            record = parse_json_line(line)
-        except ValueError as error:
-            raise UserError(f"{where}: {error}; fix or remove that line") from None
-        if text_column not in record:
-            raise UserError(f"{where}: no field {text_column!r} (fields: {', '.join(map(repr, record))}); "
-                            "choose one with --text-column")
-        yield InputRow(where, _checked_text(where, record[text_column]), record.get(id_column) if id_column else None)
-
-
-def _csv_rows(path: Path, text_column: str, id_column: str | None, raw_hasher=None) -> Iterator[InputRow]:
-    """Python's csv over the file's lines, as data.py reads CSV: each row is named by the line it starts on
-    (a quoted text may span lines), every cell stays a string ("NA" stays a tweet), and a line that is not
-    UTF-8 is named by `_binary_lines`."""
-    reader = csv.reader((line for _, line in _binary_lines(path, raw_hasher)), strict=True)
-    header: list[str] | None = None
-    start = 1  # the line the next row starts on
-    # csv refuses cells over 128 KiB; a giant text must reach the length check instead, which names its line.
-    field_size_limit = csv.field_size_limit(2**31 - 1)
-    try:
-        for fields in reader:
-            where, start = f"{path}:{start}", reader.line_num + 1
-            if not fields:
-                continue  # a blank line
-            if header is None:
-                header = fields
-                _require_column(path, header, text_column)
-                id_index = header.index(id_column) if id_column in header else None
-                continue
-            if len(fields) > len(header):
-                raise UserError(f"{where}: more fields than the header has columns ({len(fields)}, not {len(header)}); "
-                                "quote texts that contain commas")
-            fields += [""] * (len(header) - len(fields))  # a short row reads as empty cells
-            text = fields[header.index(text_column)].replace("\r\n", "\n")  # a quoted text from a Windows file
-            yield InputRow(where, _checked_text(where, text), fields[id_index] if id_index is not None else None)
-    except csv.Error as error:
-        raise UserError(f"{path}:{start}: not valid CSV ({error}); check the quotes: put a text that holds commas, "
-                        "quotes or line breaks in double quotes, and double each quote inside it") from None
-    finally:
-        csv.field_size_limit(field_size_limit)
-
-
-def _parquet_rows(path: Path, text_column: str, id_column: str | None) -> Iterator[InputRow]:
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(path)
-    names = parquet.schema_arrow.names
-    _require_column(path, names, text_column)
-    columns = [text_column] + ([id_column] if id_column and id_column in names and id_column != text_column else [])
-    row = 0
-    for batch in parquet.iter_batches(batch_size=READ_CHUNK_ROWS, columns=columns):
-        texts = batch.column(text_column).to_pylist()
-        ids = batch.column(id_column).to_pylist() if len(columns) > 1 else [None] * len(texts)
-        for text, row_id in zip(texts, ids):
-            row += 1
-            where = f"{path}: row {row}"
-            yield InputRow(where, _checked_text(where, text), row_id)
-
-
-def _require_column(path: Path, columns: list[str], column: str) -> None:
-    if column not in columns:
-        available = ", ".join(repr(name) for name in columns) or "none"
-        raise UserError(f"{path}: no column {column!r} (columns: {available}); choose one with --text-column")
-
-
-# --- the output: rows, and what a partial file already holds -----------------------------------------------
-
-
-def spreadsheet_safe(value):
-    """A CSV cell a spreadsheet shows as text: a string starting like a formula gets a leading single quote,
-    as OWASP's guidance on CSV injection says. Numbers are left alone; JSON Lines output is never changed."""
-    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
-
-
-def output_row(row: InputRow, probabilities: dict[str, float], id_column: str | None) -> dict:
-    """The same fields `doratweet predict` prints (text, label, p_*), with the input's id first."""
-    fields = {id_column: row.row_id} if id_column else {}
-    fields.update(text=row.text, label=max(probabilities, key=probabilities.get))
-    fields.update({f"p_{label}": round(probabilities[label], 4) for label in LABELS})
-    return fields
-
-
-def output_columns(id_column: str | None) -> list[str]:
-    return ([id_column] if id_column else []) + ["text", "label"] + [f"p_{label}" for label in LABELS]
 
 
 # --- the whole job -------------------------------------------------------------------------------------
@@ -336,8 +227,8 @@ def predict_file(
             out.truncate(size)  # what follows the recorded rows: rows not yet recorded, a half-written row
             for batch in _chain_first(first_batch, _batches(rows, batch_size)) if first_batch else ():
                 probabilities = classifier.predict_proba([row.text for row in batch])
-                lines = [output_row(row, p, kept_id) for row, p in zip(batch, probabilities)]
-                data = _format_rows(lines, fmt, kept_id, header=size == 0).encode("utf-8")
+                rows = [prediction_row(row.text, p, kept_id, row.row_id) for row, p in zip(batch, probabilities)]
+                data = format_rows(rows, fmt, prediction_columns(kept_id), header=size == 0).encode("utf-8")
                 out.write(data)
                 out.flush()  # the rows reach the file before the record that counts them
                 hasher.update(data)
@@ -428,36 +319,6 @@ def _chain_first(first, rest: Iterator) -> Iterator:
 def _batches(rows: Iterator[InputRow], size: int) -> Iterator[list[InputRow]]:
     while batch := list(islice(rows, size)):
         yield batch
-
-
-def _format_rows(records: list[dict], fmt: str, id_column: str | None, header: bool) -> str:
-    """Rows as text; every row, CSV or JSON Lines, ends with '\\n'. CSV cells are made spreadsheet-safe."""
-    if fmt == "jsonl":
-        return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    return csv_rows(records, output_columns(id_column), header)
-
-
-def csv_rows(records: list[dict], columns: list[str], header: bool) -> str:
-    """CSV text ending each row with '\\n', printed or streamed alike. A list, object or boolean (a JSON
-    Lines id) is written as JSON text, not as Python would print it; cells are made spreadsheet-safe."""
-    # csv quotes a cell holding a character of its line terminator: with "\r\n" both '\r' and '\n' inside a
-    # text are quoted (with "\n" a bare '\r' would not be, and readers would split the row there). Each row's
-    # own "\r\n" is then cut to "\n".
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\r\n")
-    rows = [dict(zip(columns, columns))] if header else []
-    rows += [{key: spreadsheet_safe(_csv_value(value)) for key, value in record.items()} for record in records]
-    lines = []
-    for row in rows:
-        buffer.seek(0)
-        buffer.truncate()
-        writer.writerow(row)
-        lines.append(buffer.getvalue().removesuffix("\r\n") + "\n")
-    return "".join(lines)
-
-
-def _csv_value(value):
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict, bool)) else value
 
 
 def _progress_bar(enabled: bool, total: int | None, initial: int):

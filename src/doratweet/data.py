@@ -18,17 +18,12 @@ row with that id is the one kept). Problems with a whole file stop loading whate
 missing or empty file, a missing column, bytes that are not UTF-8 (a file in another encoding; dropping its
 non-ASCII rows would bias the data), TweetEval text and label files of different lengths.
 
-Files are read as UTF-8 (a UTF-16 or UTF-32 file is named as such); a byte-order mark at the start is ignored
-and '\\r\\n' is read as '\\n'. In .txt and JSON Lines files only '\\n' ends a line, so a lone '\\r' stays
-inside its tweet. CSV has its own rule, the one Excel, pandas and Python's csv follow: outside quotes, '\\r'
-ends a row too; line numbers count it.
+Files are read whole, by the rules of tables.py (encodings, line endings, CSV quoting), which `predict --input`
+follows too.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import math
 import numbers
@@ -38,10 +33,9 @@ from dataclasses import dataclass, replace
 from itertools import repeat
 from pathlib import Path
 
-import pandas as pd
-
 from . import LABELS
 from .errors import UserError, first_line
+from .tables import TABLE_SUFFIXES, open_table, read_lines, require_column
 from .texts import MAX_TEXT_CHARS  # a text far longer than a tweet is a bad row, not data (see texts.py)
 
 log = logging.getLogger("doratweet.data")
@@ -50,15 +44,10 @@ DEFAULT_DATA = "tweet_eval"
 HUB_ID, HUB_CONFIG = "cardiffnlp/tweet_eval", "sentiment"
 SPLIT_NAMES = ("train", "validation", "test")
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
-TABLE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 # The official layout calls the validation split "val".
 _TWEETEVAL_PREFIXES = {"train": "train", "validation": "val", "test": "test"}
 _ACCEPTED_LABELS = "0, 1, 2, " + ", ".join(LABELS)
 _SKIP_HINT = "or pass --skip-bad-rows to drop bad rows"
-# Byte-order marks of the encodings a file saved as "Unicode" may be in; UTF-32's start like UTF-16's.
-_FOREIGN_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
-                 (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
-ENCODING_SNIFF_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -436,118 +425,26 @@ def _split_files(folder: Path) -> dict[str, Path]:
 def _load_table(
     path: Path, name: str, *, text_column: str, label_column: str, id_column: str | None, skip_bad_rows: bool
 ) -> Split:
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise UserError(
+            f"{path}: unsupported file type {path.suffix or '(none)'!r}; use {', '.join(TABLE_SUFFIXES)}, "
+            f"or pass the folder that holds a TweetEval layout ({{train,val,test}}_text.txt and _labels.txt)"
+        )
     bad_rows = _BadRows(skip_bad_rows)
-    columns, records = _read_table(path, bad_rows)
-    _require_column(path, columns, text_column, "--text-column")
-    _require_column(path, columns, label_column, "--label-column")
+    table = open_table(path, bad_row=bad_rows.add, whole=True, unique_columns=True)
+    records = list(table.records)  # the file's own problems (a malformed line, say) come before its columns'
+    # JSON Lines has no header: its columns are every key seen, in order of first appearance.
+    columns = table.columns if table.columns is not None else list(dict.fromkeys(
+        key for record in records for key in record.fields))
+    require_column(path, columns, text_column, "--text-column")
+    require_column(path, columns, label_column, "--label-column")
     rows = (
-        (where, record.get(text_column), where, record.get(label_column), record.get(id_column) if id_column else None)
-        for where, record in records
+        (record.where, record.fields.get(text_column), record.where, record.fields.get(label_column),
+         record.fields.get(id_column) if id_column else None)
+        for record in records
     )
     texts, labels = _keep_good_rows(rows, bad_rows)
     return _make_split(name, texts, labels, str(path), bad_rows)
-
-
-def _read_table(path: Path, bad_rows: _BadRows) -> tuple[list[str], list[tuple[str, dict]]]:
-    """(column names, rows) of a table file; each row is (where, record), `where` naming file and line."""
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _read_csv(path, bad_rows)
-    if suffix in (".jsonl", ".json"):
-        return _read_jsonl(path, bad_rows)
-    if suffix == ".parquet":
-        return _read_parquet(path)
-    raise UserError(
-        f"{path}: unsupported file type {path.suffix or '(none)'!r}; use {', '.join(TABLE_SUFFIXES)}, "
-        f"or pass the folder that holds a TweetEval layout ({{train,val,test}}_text.txt and _labels.txt)"
-    )
-
-
-def _read_csv(path: Path, bad_rows: _BadRows) -> tuple[list[str], list[tuple[str, dict]]]:
-    """Python's csv rather than pandas: it says where each row starts (a quoted text may span lines), keeps
-    every cell a string ("NA" stays a tweet, an empty cell stays "") and keeps going after a bad row."""
-    text = _read_text(path)
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    header: list[str] | None = None
-    rows = []
-    start = 1  # the line the next row starts on
-    # csv refuses cells over 128 KiB; a giant text must reach the length check (and --skip-bad-rows) instead.
-    field_size_limit = csv.field_size_limit(max(csv.field_size_limit(), len(text)))
-    try:
-        for fields in reader:
-            where, start = f"{path}:{start}", reader.line_num + 1
-            if not fields:
-                continue  # a blank line
-            if header is None:
-                header = _csv_header(where, fields)
-            elif len(fields) > len(header):
-                problem = f"more fields than the header has columns ({len(fields)}, not {len(header)})"
-                bad_rows.add(where, problem, fix="quote texts that contain commas")
-            else:
-                # A short row reads as empty cells, as in pandas: a missing text or label is reported as such.
-                rows.append((where, dict(zip(header, fields + [""] * (len(header) - len(fields))))))
-    except csv.Error as error:
-        raise UserError(
-            f"{path}:{start}: not valid CSV ({error}); check the quotes: put a text that holds commas, quotes or "
-            f"line breaks in double quotes, and double each quote inside it"
-        ) from None
-    finally:
-        csv.field_size_limit(field_size_limit)
-    return header or [], rows
-
-
-def _csv_header(where: str, names: list[str]) -> list[str]:
-    repeated = [name for index, name in enumerate(names) if name in names[:index]]
-    if repeated:
-        raise UserError(f"{where}: column {repeated[0]!r} appears twice in the header; rename or remove one of them")
-    return names
-
-
-def parse_json_line(line: str) -> dict:
-    """One JSON Lines record (training data and prediction input alike); a ValueError says what is wrong."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"malformed JSON ({error.msg}); expected one JSON object per line (JSON Lines)") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object per line, found {type(record).__name__}")
-    return record
-
-
-def _read_jsonl(path: Path, bad_rows: _BadRows) -> tuple[list[str], list[tuple[str, dict]]]:
-    columns: dict[str, None] = {}  # every key seen, in order of first appearance
-    rows = []
-    for line_number, line in enumerate(_read_lines(path), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_number}"
-        try:
-            record = parse_json_line(line)
-        except ValueError as error:
-            bad_rows.add(where, str(error))
-            continue
-        columns.update(dict.fromkeys(record))
-        rows.append((where, record))
-    return list(columns), rows
-
-
-def _read_parquet(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
-    if path.stat().st_size == 0:
-        raise _empty_file(path)
-    try:
-        frame = pd.read_parquet(path)
-    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-        reason = first_line(error, 200)
-        raise UserError(f"{path}: not a readable Parquet file ({reason}); re-export it or use .csv/.jsonl")
-    # Parquet has no lines; name the 1-based row instead.
-    rows = [(f"{path} row {index + 1}", record) for index, record in enumerate(frame.to_dict("records"))]
-    return [str(column) for column in frame.columns], rows
-
-
-def _require_column(path: Path, columns: list[str], column: str, option: str) -> None:
-    if column not in columns:
-        available = ", ".join(repr(name) for name in columns) or "none"
-        raise UserError(f"{path}: no column {column!r} (columns: {available}); choose one with {option}")
 
 
 # --- plain files --------------------------------------------------------------------------------------
@@ -560,51 +457,8 @@ def _existing_path(path, what: str) -> Path:
     return path
 
 
-def _empty_file(path: Path) -> UserError:
-    return UserError(f"{path}: the file is empty (or holds only whitespace); fill it, or pass the file you meant")
-
-
-def _read_text(path: Path) -> str:
-    """The file decoded as UTF-8, without a byte-order mark and with '\\r\\n' read as '\\n'; an undecodable
-    byte is reported with its line, and an empty file is an error rather than an empty split."""
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise UserError(f"{path}: cannot read ({error.strerror}); check the path and its permissions")
-    check_utf8_encoding(path, data[:ENCODING_SNIFF_BYTES])
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line_number = data.count(b"\n", 0, error.start) + 1
-        raise UserError(
-            f"{path}:{line_number}: not valid UTF-8 (byte 0x{data[error.start]:02x}); re-save the file as UTF-8"
-        )
-    text = text.removeprefix("\ufeff").replace("\r\n", "\n")
-    if not text.strip():
-        raise _empty_file(path)
-    return text
-
-
-def check_utf8_encoding(path: Path, head: bytes) -> None:
-    """A file saved as UTF-16 (Windows' "Unicode", Excel's "Unicode Text") is named as such: read as UTF-8 it
-    fails at its first byte, or, without a byte-order mark, decodes into texts with a NUL between letters."""
-    encoding = next((name for bom, name in _FOREIGN_BOMS if head.startswith(bom)), None)
-    # Without a mark: each ASCII character (letters, commas, line breaks) in UTF-16 has a NUL byte beside it,
-    # all on even or all on odd offsets; a UTF-8 text file holds a NUL rarely if ever.
-    parities = {offset % 2 for offset, byte in enumerate(head) if byte == 0}
-    if encoding is None and (head.count(0) * 4 >= len(head) > 0 or (head.count(0) >= 4 and len(parities) == 1)):
-        encoding = "UTF-16"
-    if encoding:
-        raise UserError(f"{path}: the file is {encoding}, not UTF-8; re-save it as UTF-8 "
-                        f"(e.g. iconv -f {encoding} -t UTF-8)")
-
-
 def _read_lines(path: Path) -> list[str]:
-    """Lines split on '\\n' only: tweets may hold '\\r' or U+2028, which str.splitlines() would break at."""
-    lines = _read_text(path).split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
-    return lines
+    return [line for _, line in read_lines(path, whole=True)]
 
 
 def _split_order(split: Split) -> tuple[int, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from .hardware import default_device
 from .models import EMBEDDED_NAME, EMBEDDED_UPSTREAM_ID, load_base_model
 from .prompts import DEFAULT_SYSTEM_PROMPT, make_prompt_format
 from .run_folder import ADAPTER_DIR
-from .texts import checked_texts, text_problem
+from .texts import checked_texts
 
 
 # The run folder (adapter, card, metrics, plots) that ships inside the package, so `doratweet predict "text"`
@@ -130,7 +129,8 @@ def base_model_spec(record: AdapterRecord) -> str:
 def read_prediction_input(path: str | None, texts: list[str], text_column: str = "text") -> list[str]:
     """Texts from arguments, a file (.txt one per line, .csv, .jsonl, .parquet) or stdin ('-' or nothing; one
     per line, as in a .txt file), each checked by the rule of texts.py and stripped, before any model loads."""
-    from .batch_predict import decoded_lines, iter_input_rows
+    from .batch_predict import iter_input_rows
+    from .tables import decoded_lines
 
     if texts:
         return [_checked(f"TEXT {number}", text) for number, text in enumerate(texts, start=1)]
@@ -152,23 +152,15 @@ def read_prediction_input(path: str | None, texts: list[str], text_column: str =
 
 
 def _checked(where: str, text: str) -> str:
-    problem = text_problem(text)
-    if problem:
-        raise UserError(f"{where}: {problem}; {'shorten it' if problem.startswith('text is ') else 'fix it'}")
-    return text.strip()
+    from .batch_predict import checked_text
+
+    return checked_text(where, text, in_a_file=False)  # an argument or a line of stdin: fixed, not removed
 
 
 def format_predictions(texts: list[str], probabilities: list[dict[str, float]], fmt: str) -> str:
-    """Rows of text, label and the three probabilities as jsonl, csv or an aligned table; CSV cells that
-    a spreadsheet would run as a formula are neutralised, and rows end as streamed ones do (batch_predict.csv_rows)."""
-    from .batch_predict import csv_rows
+    """Rows of text, label and the three probabilities as jsonl, csv or an aligned table, written as streamed
+    rows are (tables.format_rows): CSV cells a spreadsheet would run as a formula are neutralised."""
+    from .tables import format_rows, prediction_columns, prediction_row
 
-    rows = [{"text": t, "label": max(p, key=p.get), **{f"p_{k}": round(v, 4) for k, v in p.items()}}
-            for t, p in zip(texts, probabilities)]
-    if fmt == "jsonl":
-        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    if fmt == "csv":
-        return csv_rows(rows, list(rows[0]) if rows else ["text", "label"], header=True)
-    lines = [f"{r['label']:<8}  " + "  ".join(f"{k[2:]}={r[k]:.3f}" for k in r if k.startswith("p_")) +
-             f"  {r['text'][:80]}" for r in rows]
-    return "\n".join(lines) + ("\n" if lines else "")
+    rows = [prediction_row(text, p) for text, p in zip(texts, probabilities)]
+    return format_rows(rows, fmt, prediction_columns())
