@@ -20,10 +20,13 @@ from helpers import norms_in_the_models_dtype
 from torch import nn
 
 from doratweet.adapters import (
+    AdapterConfig,
     DoRALinear,
     LoRALinear,
+    adapter_modules,
     add_adapters,
     adapter_parameters,
+    get_adapter_config,
     load_adapter,
     merge_adapters,
     save_adapter,
@@ -237,6 +240,54 @@ def test_peft_trained_adapter_loads_in_doratweet_with_same_logits(use_dora, tmp_
     model, _ = build_tiny_model(dtype=F64)
     load_adapter(model, tmp_path / "peft")
     assert max_rel_diff(model(ids).logits, expected) <= EXACT
+
+
+def test_an_adapter_on_the_top_layers_only_loads_in_peft_with_same_logits(tmp_path, ids):
+    from peft import PeftModel
+
+    model, _ = build_tiny_model(dtype=F64)
+    add_adapters(model, method="dora", rank=4, alpha=8, layers="top:1")
+    assert {name.split(".")[2] for name in adapter_modules(model)} == {"1"}  # model.layers.1.*: the last of 2
+    randomise_adapters(model)
+    save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["layers_to_transform"], config["layers_pattern"]) == ([1], "layers")
+
+    fresh, _ = build_tiny_model(dtype=F64)
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    assert max_rel_diff(model(ids).logits, loaded(input_ids=ids).logits) <= EXACT
+
+
+def test_a_peft_adapter_on_some_layers_loads_in_doratweet_with_same_logits(tmp_path, ids):
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = build_tiny_model(dtype=F64)
+    twin = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True,
+                                           layers_to_transform=[0], layers_pattern="layers"))
+    randomise_adapters(twin)
+    twin.save_pretrained(tmp_path / "peft")
+    expected = twin.eval()(input_ids=ids).logits
+
+    model, _ = build_tiny_model(dtype=F64)
+    load_adapter(model, tmp_path / "peft")
+    assert get_adapter_config(model).layers == "0"
+    assert max_rel_diff(model(ids).logits, expected) <= EXACT
+
+
+@pytest.mark.parametrize("spec, error", [
+    ("top:3", "--layers top:3: this model has 2 decoder layers; choose top:2 or fewer"),
+    ("1-2", "--layers 1-2: this model has 2 decoder layers, numbered 0-1"),
+])
+def test_layers_the_model_lacks_are_refused_in_one_line(spec, error):
+    model, _ = build_tiny_model()
+    with pytest.raises(UserError, match=re.escape(error)):
+        add_adapters(model, rank=4, alpha=8, layers=spec)
+
+
+@pytest.mark.parametrize("spec", ["top:0", "2-", "last", "1;2"])
+def test_a_malformed_layers_option_is_refused_before_any_model(spec):
+    with pytest.raises(UserError, match=f"^--layers {re.escape(spec)}: choose all, top:K"):
+        AdapterConfig(layers=spec)
 
 
 @pytest.mark.parametrize("method", ["dora", "lora"])

@@ -23,16 +23,21 @@ def documented_fields(config) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(config) if "help" in f.metadata]
 
 
+def flag_of(field: dataclasses.Field) -> str:
+    """The option's name: --field-name, or the metadata's flag; a switch that is on by default is --no-NAME."""
+    flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+    return "--no-" + flag[2:] if field.default is True else flag
+
+
 @pytest.mark.parametrize("verb", ["train", "run"])
 def test_every_documented_field_is_an_option_with_its_help(verb):
     text = " ".join(verb_help(verb).split())  # argparse wraps lines
     for config in (AdapterConfig, TrainConfig, DataConfig):
         for field in documented_fields(config):
             if verb not in field.metadata.get("verbs", (verb,)):
-                assert field.metadata.get("flag", "--" + field.name.replace("_", "-")) not in text
+                assert flag_of(field) not in text
                 continue
-            flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
-            assert f"{flag} " in text, flag
+            assert f"{flag_of(field)} " in text, flag_of(field)
             assert " ".join(field.metadata["help"].split()) in text, flag
 
 
@@ -56,8 +61,10 @@ def test_a_changed_config_is_checked_again():
 
 def test_flat_settings_keep_the_order_the_summary_and_checkpoints_record():
     flat = TrainConfig().flat()
-    assert list(flat)[:6] == ["method", "rank", "alpha", "dropout", "targets", "use_rslora"]
-    assert "adapter" not in flat and list(flat)[6] == "epochs"
+    shape = [f.name for f in dataclasses.fields(AdapterConfig)]
+    assert shape[:6] == ["method", "rank", "alpha", "dropout", "targets", "use_rslora"]
+    assert list(flat)[: len(shape)] == shape
+    assert "adapter" not in flat and list(flat)[len(shape)] == "epochs"
 
 
 def test_options_given_on_the_command_line_win_over_every_round_of_a_preset(monkeypatch, tmp_path):

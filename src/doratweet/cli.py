@@ -33,8 +33,9 @@ def add_config_options(group, defaults, verb: str, default_text: str | None = No
             continue
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         default = getattr(defaults, f.name)
-        if hints[f.name] is bool:
-            group.add_argument(flag, dest=f.name, action="store_true", default=None,
+        if hints[f.name] is bool:  # a switch that is on by default is turned off with --no-NAME
+            flag = flag if not default else "--no-" + flag[2:]
+            group.add_argument(flag, dest=f.name, action="store_const", const=not default, default=None,
                                help=f"{f.metadata['help']} (default: {'on' if default else 'off'})")
             continue
         shown = default_text or f.metadata.get("default_help") or (
@@ -80,7 +81,7 @@ def add_training_options(p: argparse.ArgumentParser, verb: str) -> None:
 
 def add_init_adapter_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-adapter", default=None, help="adapter or run folder to start from instead of a new adapter "
-                   "(train it further); its method, rank, alpha, targets and rsLoRA apply (default: none)")
+                   "(train it further); its method, rank, alpha, targets, rsLoRA and layers apply (default: none)")
     p.add_argument("--train-skip", type=int, default=0, help="leave out the first N train tweets, before --train-limit "
                    "applies, e.g. those the --init-adapter was trained on (default: %(default)s)")
 

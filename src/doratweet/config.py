@@ -56,6 +56,9 @@ class TrainConfig:
     save_every: int = field(default=0, metadata={
         "help": "write a resumable checkpoint every N steps (0: only on Ctrl-C)"})
     log_every: int = field(default=10, metadata={"help": "write the mean training loss to train_log.jsonl every N steps"})
+    cache_frozen: bool = field(default=True, metadata={
+        "help": "with --layers: compute the frozen layers below the adapters once per tweet, keep their output on "
+                "disk under the cache folder, and train only the layers above (off: run them every step)"})
     eval_batch_size: int = 32  # validation tweets per batch
     bf16: bool | None = None  # autocast to bf16; None = on CUDA only (on CPU it gained < 10% here)
     fsdp: bool = field(default=False, metadata={
@@ -204,7 +207,7 @@ def with_options(train: TrainConfig, adapter_options: dict, train_options: dict)
 
 
 # The fields of AdapterConfig that fix an adapter's shape; an --init-adapter brings its own.
-ADAPTER_SHAPE = ("method", "rank", "alpha", "targets", "use_rslora")
+ADAPTER_SHAPE = ("method", "rank", "alpha", "targets", "use_rslora", "layers")
 
 
 def with_shape_of(train: TrainConfig, saved: AdapterConfig) -> TrainConfig:

@@ -13,6 +13,7 @@ validates and writes files. With the same --batch-size it follows the single-pro
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -27,7 +28,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed
-from .adapters.peft_format import WEIGHTS_FILE
 from .adapters import (
     AdapterNotes,
     adapter_parameters,
@@ -38,6 +38,7 @@ from .adapters import (
     note_on_adapter,
     save_adapter,
 )
+from .adapters.peft_format import WEIGHTS_FILE
 from .checkpoints import (
     checkpoint_on_interrupt,
     last_checkpoint_note,
@@ -56,10 +57,14 @@ from .evaluate import (
     score_labels,
     split_model,
 )
+from .frozen_layers import FrozenLayers, frozen_layers
 from .hardware import fp32_or_wider
+from .models import cache_root
 from .prompts import IGNORE_INDEX, PromptFormat, training_example
 from .run_folder import ADAPTER_DIR, CHECKPOINT_DIR, LOG_FILE
 from .stopping import StopRequests
+
+log = logging.getLogger("doratweet")
 
 
 @dataclass
@@ -123,6 +128,26 @@ def answer_loss(model, ids, targets, mask, prefix: list[int] = (), label_smoothi
         positions = n + torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
         hidden = decoder(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
                          use_cache=True).last_hidden_state
+    return answer_token_loss(head, hidden, targets, label_smoothing, answer_tokens)
+
+
+def frozen_answer_loss(model, frozen: FrozenLayers, batch: list[int], targets, mask,
+                       label_smoothing: float = 0.0) -> torch.Tensor:
+    """`answer_loss` with the frozen bottom's output read from its cache (frozen_layers.py): only the layers above
+    it run, forward and backward."""
+    dtype = next(frozen.top.parameters()).dtype
+    hidden = frozen.batch(batch, mask.device, dtype)
+    cache = frozen.top_prefix_cache(len(batch), dtype)
+    n, width = len(frozen.prefix), hidden.shape[1]
+    full_mask = torch.cat([torch.ones(len(batch), n, dtype=mask.dtype, device=mask.device), mask], dim=1)
+    positions = n + torch.arange(width, device=mask.device).expand(len(batch), -1)
+    hidden = frozen.top(inputs_embeds=hidden, attention_mask=full_mask, position_ids=positions,
+                        past_key_values=cache, use_cache=cache is not None).last_hidden_state
+    return answer_token_loss(model.get_output_embeddings(), hidden, targets, label_smoothing)
+
+
+def answer_token_loss(head, hidden, targets, label_smoothing: float, answer_tokens: int | None = None):
+    """Cross-entropy of the answer tokens, the vocabulary projection run at their positions only."""
     predicts = targets[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
     logits = fp32_or_wider(head(hidden[:, :-1][predicts]))
     if answer_tokens is None:
@@ -217,6 +242,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     validation: tuple[list[list[int]], list[int]] | None  # prompt ids and labels
+    frozen: FrozenLayers | None = None  # the cached output of the layers below the adapters (--layers)
     state: TrainState = field(default_factory=TrainState)
     log_file: object = None  # rank 0's train_log.jsonl, open while training
     updating: bool = False  # True while the weights, optimizer and schedule are between two steps' states
@@ -241,7 +267,7 @@ def train(model, fmt: PromptFormat, train_split: Split, val_split: Split | None,
 
     Inside a process group (see `distributed.process_group`) every rank calls this with the same arguments;
     rank 0 alone writes out_dir, and, with FSDP, the model stays sharded across the ranks afterwards."""
-    session = setup(model, fmt, train_split, val_split, config, Path(out_dir), notes, base_model_id)
+    session = setup(model, fmt, train_split, val_split, config, Path(out_dir), notes, base_model_id, progress)
     log_path = session.out_dir / LOG_FILE
     if resume:
         progress_saved, log_bytes = load_training_checkpoint(session.checkpoint, model, session.optimizer,
@@ -267,8 +293,9 @@ def train(model, fmt: PromptFormat, train_split: Split, val_split: Split | None,
 
 
 def setup(model, fmt: PromptFormat, train_split: Split, val_split: Split | None, config: TrainConfig, out_dir: Path,
-          notes: AdapterNotes, base_model_id: str | None) -> Session:
-    """Adapters (new ones unless the model has them), seeds, parallel wrappers, optimizer, schedule, and the data."""
+          notes: AdapterNotes, base_model_id: str | None, progress: bool = True) -> Session:
+    """Adapters (new ones unless the model has them), seeds, parallel wrappers, optimizer, schedule, the data, and
+    the cached output of frozen layers below the adapters."""
     torch.manual_seed(config.seed)
     if get_adapter_config(model) is None:
         check_adapter_fits(model, config.adapter)
@@ -297,9 +324,15 @@ def setup(model, fmt: PromptFormat, train_split: Split, val_split: Split | None,
     if val_split is not None and len(val_split):
         val_split = val_split.head(config.eval_limit)
         validation = fmt.prompt_ids(val_split.texts), val_split.labels
+    frozen = None
+    if config.cache_frozen and config.adapter.layers != "all" and distributed.active():
+        log.info("under torchrun the frozen layers run every step (their cache is built for one process)")
+    elif config.cache_frozen and config.adapter.layers != "all":
+        frozen = frozen_layers(model, data.prefix, [ids for ids, _ in data.examples], fmt.tokenizer.pad_token_id,
+                               cache_root() / "frozen-layers", progress and distributed.is_main_process())
     return Session(model, fmt, config, notes, out_dir, base_model_id, device,
                    config.bf16 if config.bf16 is not None else device.type == "cuda", params, loss_module, data,
-                   steps_per_epoch, total_steps, optimizer, scheduler, validation)
+                   steps_per_epoch, total_steps, optimizer, scheduler, validation, frozen)
 
 
 def fit(session: Session, progress: bool, on_step: Callable[[int], None] | None) -> None:
@@ -381,7 +414,10 @@ def micro_batch_loss(session: Session, batch: list[int]) -> tuple[torch.Tensor, 
     if not distributed.active():
         ids, targets, mask = right_pad([data.examples[i] for i in batch], pad, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=session.bf16):
-            loss = answer_loss(session.model, ids, targets, mask, data.prefix, config.label_smoothing)
+            if session.frozen is not None:
+                loss = frozen_answer_loss(session.model, session.frozen, batch, targets, mask, config.label_smoothing)
+            else:
+                loss = answer_loss(session.model, ids, targets, mask, data.prefix, config.label_smoothing)
         return loss, loss.item()
     world = distributed.world_size()
     mine, weight = rank_slice(batch, distributed.rank(), world)

@@ -7,6 +7,7 @@ metadata is the documentation, and the command line builds its options from it (
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 
 from ..errors import UserError
@@ -20,6 +21,41 @@ MAX_ALPHA = 100_000
 
 def comma_separated(text: str) -> tuple[str, ...]:
     return tuple(name for name in text.split(",") if name)
+
+
+# --layers: all, top:K (the last K decoder layers), or indices and ranges such as 22-29 or 0,2,4-6.
+_LAYERS = re.compile(r"all|top:[1-9]\d*|\d+(-\d+)?(,\d+(-\d+)?)*")
+
+
+def layer_indices(spec: str, layer_count: int) -> tuple[int, ...]:
+    """The decoder layers (0 = nearest the input) that `spec` selects in a model of `layer_count` layers."""
+    if spec == "all":
+        return tuple(range(layer_count))
+    if spec.startswith("top:"):
+        top = int(spec[4:])
+        if top > layer_count:
+            raise UserError(f"--layers {spec}: this model has {layer_count} decoder layers; choose top:{layer_count} "
+                            "or fewer")
+        return tuple(range(layer_count - top, layer_count))
+    chosen = set()
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        chosen.update(range(int(first), int(last or first) + 1))
+    if not chosen or max(chosen) >= layer_count:
+        raise UserError(f"--layers {spec}: this model has {layer_count} decoder layers, numbered 0-{layer_count - 1}")
+    return tuple(sorted(chosen))
+
+
+def layers_spec(indices) -> str:
+    """The shortest --layers that selects `indices` (sorted): ranges joined by commas, e.g. 0-3,8."""
+    parts, run = [], []
+    for index in sorted(indices):
+        if run and index != run[-1] + 1:
+            parts.append(run)
+            run = []
+        run.append(index)
+    parts += [run] if run else []
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in parts)
 
 
 @dataclass(frozen=True)
@@ -37,6 +73,10 @@ class AdapterConfig:
         "help": "comma-separated module names to adapt", "parse": comma_separated})
     use_rslora: bool = field(default=False, metadata={
         "help": "scale by alpha/sqrt(r) (rank-stabilised LoRA)", "flag": "--rslora"})
+    layers: str = field(default="all", metadata={
+        "help": "decoder layers that get adapters: all, top:K (the K nearest the output), or indices and ranges "
+                "such as 22-29; the frozen layers below them run once per tweet, not every step (see "
+                "--no-cache-frozen)"})
 
     def __post_init__(self):
         if not isinstance(self.targets, str):
@@ -48,6 +88,10 @@ class AdapterConfig:
             ("alpha", 0 < self.alpha <= MAX_ALPHA, f"must be a positive number, at most {MAX_ALPHA}"),
             ("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
             ("targets", len(self.targets) > 0, "name at least one module, e.g. q_proj,v_proj"),
+            ("layers", isinstance(self.layers, str) and _LAYERS.fullmatch(self.layers) is not None,
+             "choose all, top:K, or layer indices and ranges such as 22-29 or 0,2,4-6"),
+            ("layers", self.layers == "all" or isinstance(self.targets, tuple),
+             "works with module names in --targets, not with a regular expression"),
         ])
 
 

@@ -12,7 +12,7 @@ from dataclasses import replace
 from torch import nn
 
 from ..errors import UserError
-from .config import AdapterConfig, AdapterNotes, AdapterRecord
+from .config import AdapterConfig, AdapterNotes, AdapterRecord, layer_indices, layers_spec
 from .dora import DoRALinear
 from .fingerprint import base_fingerprint
 from .lora import LoRALinear, LowRankAdapter
@@ -31,7 +31,7 @@ def add_adapters(model: nn.Module, config: AdapterConfig | None = None, **shape)
         raise TypeError("add_adapters: pass an AdapterConfig or its fields, not both")
     if adapter_record(model) is not None:
         raise UserError("this model already has adapters; load a fresh base model")
-    names = target_module_names(model, config.targets)
+    names = target_module_names(model, config.targets, config.layers)
     wrapper = DoRALinear if config.method == "dora" else LoRALinear
     for p in model.parameters():
         p.requires_grad_(False)
@@ -39,6 +39,8 @@ def add_adapters(model: nn.Module, config: AdapterConfig | None = None, **shape)
         parent, child = _parent(model, name)
         setattr(parent, child, wrapper(getattr(parent, child), config.rank, config.alpha, config.dropout,
                                        config.use_rslora))
+    if config.layers != "all":  # saved as the layers themselves: top:K means other layers in another model
+        config = replace(config, layers=layers_spec(adapted_layer_indices(model, config.layers)))
     # Taken now, while the base weights are whole (FSDP shards them later); save_adapter writes it.
     notes = AdapterNotes(base_fingerprint=base_fingerprint(adapter_modules(model)))
     set_adapter_record(model, AdapterRecord(config, notes=notes))
@@ -101,9 +103,31 @@ def _adaptable_linears(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
 
 
-def target_module_names(model: nn.Module, targets) -> list[str]:
-    """Full names of the linears `targets` selects; a one-line error lists the model's adaptable linears when one
-    is unknown, or is a module that cannot be adapted (the output head, an embedding, an activation)."""
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder layers (transformers names it `layers` in LLaMA-like models)."""
+    layers = getattr(model.get_decoder(), "layers", None) if hasattr(model, "get_decoder") else None
+    if not isinstance(layers, nn.ModuleList):
+        raise UserError(f"--layers: cannot find the decoder layers of {type(model).__name__}; use --layers all")
+    return layers
+
+
+def adapted_layer_indices(model: nn.Module, spec: str) -> tuple[int, ...]:
+    return layer_indices(spec, len(decoder_layers(model)))
+
+
+def target_module_names(model: nn.Module, targets, layers: str = "all") -> list[str]:
+    """Full names of the linears `targets` selects, in the decoder `layers` (see AdapterConfig.layers); a one-line
+    error lists the model's adaptable linears when one is unknown, or is a module that cannot be adapted (the
+    output head, an embedding, an activation)."""
+    names = _target_module_names(model, targets)
+    if layers == "all":
+        return names
+    chosen = {id(layer) for i, layer in enumerate(decoder_layers(model)) if i in adapted_layer_indices(model, layers)}
+    inside = {name for name, module in model.named_modules() if id(module) in chosen}
+    return [n for n in names if any(n.startswith(layer + ".") for layer in inside)]
+
+
+def _target_module_names(model: nn.Module, targets) -> list[str]:
     linears = _adaptable_linears(model)
     leaf_names = sorted({name.rsplit(".", 1)[-1] for name in linears})
     listing = f"this model's linear modules are: {', '.join(leaf_names) or '(none an adapter can wrap)'}"
@@ -133,7 +157,7 @@ def check_adapter_fits(model: nn.Module, config: AdapterConfig) -> None:
     """Refuse, before anything is trained, targets the model does not have and a rank above what the adapted
     layers allow: a rank-r update of an n-by-m weight has rank at most min(n, m), so a larger r only adds memory
     (`--rank 100000` asked for 40 GB)."""
-    layers = {name: model.get_submodule(name) for name in target_module_names(model, config.targets)}
+    layers = {name: model.get_submodule(name) for name in target_module_names(model, config.targets, config.layers)}
     name, narrowest = min(layers.items(), key=lambda item: min(item[1].in_features, item[1].out_features))
     largest = min(narrowest.in_features, narrowest.out_features)
     if config.rank > largest:

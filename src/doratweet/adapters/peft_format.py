@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..files import atomic_path, write_atomically
-from .config import AdapterConfig, AdapterNotes, AdapterRecord
+from .config import AdapterConfig, AdapterNotes, AdapterRecord, layer_indices, layers_spec
 from .fingerprint import check_same_base
 from .inject import adapter_modules, adapter_record, add_adapters, own_parameters, set_adapter_record
 
@@ -50,6 +50,8 @@ def record_to_peft(record: AdapterRecord) -> dict:
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
+        **({} if config.layers == "all" else {"layers_to_transform": list(layer_indices(config.layers, _ANY)),
+                                              "layers_pattern": "layers"}),
         "rank_pattern": {},
         "alpha_pattern": {},
         "doratweet": {name: list(value) if isinstance(value, tuple) else value
@@ -75,12 +77,27 @@ def record_from_peft(raw: dict, where: str) -> AdapterRecord:
         dropout=float(raw.get("lora_dropout") or 0.0),
         targets=raw["target_modules"],  # a string is a regular expression (PEFT's convention), a list module names
         use_rslora=bool(raw.get("use_rslora")),
+        layers=_layers_from_peft(raw.get("layers_to_transform"), where),
     )
     section = raw.get("doratweet") or {}
     notes = AdapterNotes(**{f.name: section[f.name] for f in fields(AdapterNotes) if f.name in section})
     if notes.labels is not None:
         notes = replace(notes, labels=tuple(notes.labels))
     return AdapterRecord(config, raw.get("base_model_name_or_path"), notes)
+
+
+_ANY = 1 << 30  # a layer count no model reaches: an explicit --layers needs none
+
+
+def _layers_from_peft(layers, where: str) -> str:
+    """PEFT's layers_to_transform (one index, a list of them, or none) as a --layers value."""
+    if layers is None or layers == []:
+        return "all"
+    layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+    if not (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                             for i in layers)):
+        raise UserError(f"{where}: layers_to_transform is {layers!r}, expected layer indices; fix the field")
+    return layers_spec(layers)
 
 
 def _check_fields(raw: dict, where: str) -> None:
