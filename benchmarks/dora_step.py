@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
-from machine import describe, machine
+from machine import describe, machine, save_report
 
 from doratweet.adapters import DEFAULT_TARGETS, add_adapters, adapter_parameters
 
@@ -119,9 +117,7 @@ def main() -> None:
     device_name = describe(facts)
     report = {"device": device_name, "machine": facts, "date": date.today().isoformat(), "torch": torch.__version__,
               "precision": "bf16 weights + autocast" if use_bf16 else "fp32", "steps": steps, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    save_report(args.out, report)
     print(f"\n{device_name}, {report['precision']}, median of {steps} steps\n")
     print("| shape | batch | PEFT LoRA ms | PEFT DoRA ms | ours LoRA ms | ours DoRA ms | ours DoRA/LoRA | PEFT DoRA/ours DoRA | ours DoRA tok/s | peak MiB (PEFT LoRA / PEFT DoRA / ours DoRA) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -130,7 +126,7 @@ def main() -> None:
         print(f"| {r['shape']} | {r['batch']} | {r['peft-lora']['ms']} | {r['peft-dora']['ms']} | {r['ours-lora']['ms']} | "
               f"{r['ours-dora']['ms']} | {r['ours_dora_over_ours_lora']:.2f}x | {r['peft_dora_over_ours_dora']:.2f}x | "
               f"{r['ours-dora']['tokens_per_s']} | {peaks} |")
-    print(f"\nwritten to {out}")
+    print(f"\nwritten to {args.out}")
 
 
 if __name__ == "__main__":

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from datetime import date
-from pathlib import Path
 
 import numpy as np
 import torch
-from machine import describe, machine
+from machine import describe, machine, save_report
 
 from doratweet.adapters import DEFAULT_TARGETS, add_adapters, adapter_parameters
 from doratweet.data import load_data
@@ -153,9 +151,7 @@ def main() -> None:
         print(name, report[name], flush=True)
     report["training_speedup"] = round(report["ours"]["training"]["tokens_per_s"] / report["peft"]["training"]["tokens_per_s"], 2)
     report["scoring_speedup"] = round(report["ours"]["tweets_per_s"] / report["peft"]["tweets_per_s"], 2)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    save_report(args.out, report)
     print(f"\n{report['device']}, {report['date']}: {len(train_split)} train tweets (1 epoch, batch {batch_size}), "
           f"{len(test)} test tweets\n")
     print("| pipeline | train s | train tokens/s | test scoring tweets/s | macro-F1 | macro-recall |")

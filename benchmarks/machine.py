@@ -46,3 +46,13 @@ def describe(facts: dict) -> str:
     """One line for a table's heading."""
     where = facts.get("gpu") or f"{facts['cpu']} ({', '.join(facts['cpu_flags']) or 'no AMX/AVX-512'})"
     return f"{where}, {facts['torch_threads']} torch threads, torch {facts['torch']}"
+
+
+def save_report(path, report: dict) -> None:
+    """Write a benchmark's JSON result, making its folder."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")

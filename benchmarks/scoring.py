@@ -21,16 +21,14 @@ Prints a table and writes JSON. Not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
-from pathlib import Path
 
 import numpy as np
 import torch
-from machine import describe, machine
+from machine import describe, machine, save_report
 
 from doratweet.data import load_split
 from doratweet.evaluate import score_labels, split_model
@@ -175,10 +173,8 @@ def main() -> None:
     for name, v in report["variants"].items():
         print(f"| {name} | {v['tweets_per_s']} tweets/s, max score difference {v['max_score_difference']:.3g}, "
               f"labels equal {v['labels_equal']:.3f} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"JSON in {out}")
+    save_report(args.out, report)
+    print(f"JSON in {args.out}")
 
 
 if __name__ == "__main__":

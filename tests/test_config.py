@@ -38,7 +38,7 @@ def test_every_documented_field_is_an_option_with_its_help(verb):
                 assert flag_of(field) not in text
                 continue
             assert f"{flag_of(field)} " in text, flag_of(field)
-            assert " ".join(field.metadata["help"].split()) in text, flag
+            assert " ".join(field.metadata["help"].split()) in text, flag_of(field)
 
 
 def test_train_shows_the_defaults_of_a_training_config():

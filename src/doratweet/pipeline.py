@@ -13,7 +13,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from . import LABELS, distributed
 from .adapters import AdapterNotes, load_adapter

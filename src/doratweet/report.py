@@ -31,7 +31,6 @@ from .run_folder import (
     LOG_FILE,
     METRICS_FILE,
     PLOTS_DIR,
-    PREDICTIONS_DIR,
     is_own_card,
     refuse_foreign_plots,
     refuse_links,
