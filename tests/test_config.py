@@ -125,3 +125,37 @@ def test_the_cli_and_the_python_api_build_the_same_config(tiny_model_dir, tiny_d
     by_hand = RunConfig(out=tmp_path, model=str(tiny_model_dir), data=DataConfig(spec=str(tiny_data_dir)),
                         rounds=(Round(None, TrainConfig(AdapterConfig(rank=4, alpha=8, dropout=0.05), lr=0.01)),))
     assert run_config(args) == by_hand
+
+
+def test_runs_evaluation_batch_size_is_not_the_validation_batch_size_of_training(tmp_path):
+    from doratweet.cli import run_config
+
+    args = build_parser().parse_args(["run", "--out", str(tmp_path), "--eval-batch-size", "3"])
+    config = run_config(args, PRESETS["quick"])
+    assert config.eval_batch_size == 3
+    assert config.train.eval_batch_size == TrainConfig().eval_batch_size
+
+
+def test_an_adapter_with_an_alpha_training_refuses_still_loads(tmp_path):
+    model, _ = build_tiny_model()
+    add_adapters(model, AdapterConfig(rank=4, alpha=1e6))  # a saved adapter may have any positive alpha
+    save_adapter(model, tmp_path / "a")
+    load_adapter(build_tiny_model()[0], tmp_path / "a")
+    with pytest.raises(UserError, match=r"^--alpha 1000000.0: must be a positive number, at most 100000$"):
+        TrainConfig(AdapterConfig(alpha=1e6))
+
+
+def test_a_regular_expression_of_targets_is_kept_whole_when_an_adapter_is_trained_further(tmp_path):
+    from doratweet.cli import run_config
+
+    model, _ = build_tiny_model()
+    add_adapters(model, AdapterConfig(rank=4, alpha=8, targets=r".*proj"))
+    save_adapter(model, tmp_path / "a")
+    args = build_parser().parse_args(["train", "--out", str(tmp_path / "b"), "--init-adapter", str(tmp_path / "a"),
+                                      "--model", "tiny"])
+    config = run_config(args)
+    assert config.train.adapter.targets == r".*proj"
+    args = build_parser().parse_args(["train", "--out", str(tmp_path / "b"), "--init-adapter", str(tmp_path / "a"),
+                                      "--model", "tiny", "--targets", "q_proj"])
+    with pytest.raises(UserError, match=r"^--targets \('q_proj',\): the --init-adapter .* has .\*proj; drop --targets"):
+        run_config(args)

@@ -47,8 +47,10 @@ def add_config_options(group, defaults, verb: str, default_text: str | None = No
 
 
 def given(args, config_class) -> dict:
-    """The fields of `config_class` the user gave on the command line."""
-    return {f.name: getattr(args, f.name) for f in fields(config_class) if getattr(args, f.name, None) is not None}
+    """The fields of `config_class` the user gave on the command line (only those that are options: `run`'s own
+    --eval-batch-size is not TrainConfig's eval_batch_size, the validation batch)."""
+    return {f.name: getattr(args, f.name) for f in fields(config_class)
+            if "help" in f.metadata and getattr(args, f.name, None) is not None}
 
 
 def add_model_options(p: argparse.ArgumentParser, required_help: str = "") -> None:
@@ -103,7 +105,7 @@ def run_config(args, preset: Preset | None = None) -> RunConfig:
         saved = read_adapter_record(init_folder)
         for name in ADAPTER_SHAPE:  # a different rank or other targets would be a new adapter, not this one further
             value, own = adapter_options.get(name), getattr(saved.config, name)
-            if name == "targets" and value is not None:
+            if name == "targets" and value is not None and not isinstance(own, str):
                 value, own = sorted(value), sorted(own)
             if value is not None and value != own:
                 flag = "--rslora" if name == "use_rslora" else "--" + name

@@ -20,13 +20,17 @@ from pathlib import Path
 
 from . import distributed
 from .adapters.config import MAX_COUNT, AdapterConfig, refuse_bad_values
+from .errors import UserError
 from .prompts import DEFAULT_SYSTEM_PROMPT
 
 # torch.manual_seed takes 0..2**64-1 (a negative seed repeats a positive one's state); under torchrun rank r seeds
 # with seed + 1_000_003 * r, which stays in range from any seed up to 2**63 - 1.
 MAX_SEED = 2**63 - 1
-# Far above any useful value, so that an absurd one is refused before anything is made; weight decay stays at most
-# 1 so that lr x decay, the share AdamW takes off each weight per step, stays below 1 (--lr is below 1).
+# Far above any useful value, so that an absurd one (`--alpha 1e308`) is refused before anything is made instead of
+# training into a NaN loss (alpha/r scales the update); weight decay stays at most 1 so that lr x decay, the share
+# AdamW takes off each weight per step, stays below 1 (--lr is below 1). A saved adapter with a larger alpha still
+# loads for evaluation and prediction (AdapterConfig takes any positive alpha); training refuses it.
+MAX_ALPHA = 100_000
 MAX_EPOCHS = 1_000_000
 _COUNTS = ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_limit", "save_every", "log_every",
            "eval_batch_size")  # go into torch as 64-bit integers: a larger one would raise OverflowError mid-run
@@ -66,6 +70,8 @@ class TrainConfig:
                 "(DDP), for models that do not fit one GPU", "verbs": ("train",)})
 
     def __post_init__(self):
+        if not self.adapter.alpha <= MAX_ALPHA:
+            raise UserError(f"--alpha {self.adapter.alpha}: must be a positive number, at most {MAX_ALPHA}")
         refuse_bad_values(self, [
             ("epochs", 0 < self.epochs <= MAX_EPOCHS, f"must be positive, at most {MAX_EPOCHS}"),
             ("lr", math.isfinite(self.lr) and 0 < self.lr < 1, "must be in (0, 1), e.g. 2e-4"),
@@ -85,8 +91,6 @@ class TrainConfig:
               for name in _COUNTS],
         ])
         if self.fsdp and not distributed.launched():
-            from .errors import UserError
-
             raise UserError("--fsdp: shards the model across several processes; start them with torchrun "
                             "--nproc_per_node N (see docs/distributed.md)")
 
@@ -153,8 +157,6 @@ class RunConfig:
     progress: bool = True
 
     def __post_init__(self):
-        from .errors import UserError
-
         object.__setattr__(self, "out", Path(self.out))
         if self.overwrite and self.resume:
             raise UserError("--overwrite and --resume: choose one (start again, or continue the run in --out)")

@@ -503,7 +503,7 @@ def summary(session: Session, train_examples: int) -> dict:
     parallel = distributed.active()
     return {
         **config.flat(),
-        "targets": list(config.adapter.targets),
+        "targets": config.adapter.targets if isinstance(config.adapter.targets, str) else list(config.adapter.targets),
         "steps": state.step,
         "train_examples": train_examples,
         "tokens": state.tokens,
