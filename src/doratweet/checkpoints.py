@@ -13,7 +13,6 @@ Nothing here unpickles: a checkpoint someone sends you cannot run code when it i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from . import distributed
 from .adapters import adapter_state_dict, copy_adapter_tensors
 from .errors import UserError
+from .files import sha256_of
 
 log = logging.getLogger("doratweet")
 
@@ -47,7 +47,7 @@ def save_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor], s
     tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / TENSORS_FILE)
     _fsync(tmp / TENSORS_FILE)
-    record = {"format": _FORMAT, "step": step, "sha256": {TENSORS_FILE: _sha256(tmp / TENSORS_FILE)}, **state}
+    record = {"format": _FORMAT, "step": step, "sha256": {TENSORS_FILE: sha256_of(tmp / TENSORS_FILE)}, **state}
     (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
     _fsync(tmp / STATE_FILE)
     if final.exists():  # the same step saved again (e.g. Ctrl-C right after a scheduled save)
@@ -96,17 +96,11 @@ def _read(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
     tensors_file = checkpoint / TENSORS_FILE
     if not tensors_file.is_file():
         raise _Damaged(f"no {TENSORS_FILE}")
-    if _sha256(tensors_file) != state["sha256"][TENSORS_FILE]:
+    if sha256_of(tensors_file) != state["sha256"][TENSORS_FILE]:
         raise _Damaged(f"{TENSORS_FILE} does not match its checksum")
     return load_file(tensors_file), state
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:

@@ -29,9 +29,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import adapter_modules
-from .adapters.inject import decoder_layers
+from .adapters import get_adapter_config
+from .adapters.inject import adapted_layer_indices, decoder_layers
 from .evaluate import batch_copy, batches_by_length, prefix_cache
+from .files import sha256_of
 
 log = logging.getLogger("doratweet")
 
@@ -43,13 +44,7 @@ _BUILD_BATCH = 32
 
 def first_adapted_layer(model: nn.Module) -> int:
     """The index of the lowest decoder layer holding an adapter (0 when the bottom layer has one)."""
-    adapted = [name for name in adapter_modules(model)]
-    layers = decoder_layers(model)
-    for index, layer in enumerate(layers):
-        names = {name for name, module in model.named_modules() if module is layer}
-        if any(a.startswith(n + ".") for a in adapted for n in names):
-            return index
-    return len(layers)
+    return min(adapted_layer_indices(model, get_adapter_config(model).layers))
 
 
 def decoder_view(decoder: nn.Module, layers, final_norm: bool) -> nn.Module:
@@ -145,7 +140,7 @@ def _load(place: Path, key: str, tokens: int, width: int, stored):
         manifest = json.loads(manifest_file.read_text())
         if manifest.get("key") != key or manifest.get("shape") != [tokens, width]:
             raise ValueError("it was made for other weights, tweets or prompt")
-        if _sha256(place / _HIDDEN) != manifest["sha256"]:
+        if sha256_of(place / _HIDDEN) != manifest["sha256"]:
             raise ValueError(f"{_HIDDEN} does not match its checksum")
         prefix = torch.tensor(manifest["prefix"], dtype=torch.float64)
     except (OSError, ValueError, KeyError) as why:
@@ -186,7 +181,7 @@ def _build(bottom: nn.Module, prefix: list[int], sequences: list[list[int]], pad
         hidden.flush()
         del hidden
         manifest = {"format": _FORMAT, "key": key, "shape": [int(offsets[-1]), width], "dtype": np.dtype(stored).name,
-                    "prefix": prefix_hidden.double().cpu().flatten().tolist(), "sha256": _sha256(tmp / _HIDDEN)}
+                    "prefix": prefix_hidden.double().cpu().flatten().tolist(), "sha256": sha256_of(tmp / _HIDDEN)}
         (tmp / _MANIFEST).write_text(json.dumps(manifest))
         if place.exists():
             shutil.rmtree(place)
@@ -194,10 +189,3 @@ def _build(bottom: nn.Module, prefix: list[int], sequences: list[list[int]], pad
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
