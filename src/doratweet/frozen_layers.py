@@ -120,10 +120,11 @@ def frozen_layers(model: nn.Module, prefix: list[int], sequences: list[list[int]
 
 def cache_key(bottom: nn.Module, first: int, prefix: list[int], sequences: list[list[int]], dtype) -> str:
     """SHA-256 of everything the cached hidden states depend on."""
-    digest = hashlib.sha256(json.dumps({"format": _FORMAT, "first": first, "dtype": str(dtype)}).encode())
+    settings = {"format": _FORMAT, "first": first, "dtype": str(dtype), "config": bottom.config.to_dict()}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in sorted(bottom.state_dict().items()):
-        if name.startswith("norm") or "rotary" in name:
-            continue  # the final norm is not part of the bottom; rotary tables follow from the config
+        if "rotary" in name:
+            continue  # the rotary tables follow from the config, hashed above
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     digest.update(np.asarray(prefix, dtype=np.int64).tobytes())
