@@ -14,6 +14,7 @@ checks again. A field's `help` metadata is its documentation, and the command li
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -34,6 +35,14 @@ MAX_ALPHA = 100_000
 MAX_EPOCHS = 1_000_000
 _COUNTS = ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_limit", "save_every", "log_every",
            "eval_batch_size")  # go into torch as 64-bit integers: a larger one would raise OverflowError mid-run
+
+
+def parse_precision(text: str) -> bool | None:
+    """--train-precision: 'auto' (None: chosen by hardware.bf16_training_pays), 'fp32' or 'bf16'."""
+    choices = {"auto": None, "fp32": False, "bf16": True}
+    if text not in choices:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from auto, fp32, bf16)")
+    return choices[text]
 
 
 @dataclass(frozen=True)
@@ -64,7 +73,10 @@ class TrainConfig:
         "help": "with --layers: compute the frozen layers below the adapters once per tweet, keep their output on "
                 "disk under the cache folder, and train only the layers above (off: run them every step)"})
     eval_batch_size: int = 32  # validation tweets per batch
-    bf16: bool | None = None  # autocast to bf16; None = on CUDA only (on CPU it gained < 10% here)
+    bf16: bool | None = field(default=None, metadata={
+        "flag": "--train-precision", "parse": parse_precision, "default_help": "auto", "metavar": "{auto,fp32,bf16}",
+        "help": "arithmetic of training: fp32, bf16 (autocast; adapters, norms and the loss stay fp32), or auto: "
+                "bf16 where it makes a step faster (CUDA, and CPUs with AVX512-BF16 but no AMX), else fp32"})
     fsdp: bool = field(default=False, metadata={
         "help": "under torchrun: shard the base model across the processes (FSDP) instead of copying it to each "
                 "(DDP), for models that do not fit one GPU", "verbs": ("train",)})
