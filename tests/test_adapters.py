@@ -274,14 +274,17 @@ def test_a_peft_adapter_on_some_layers_loads_in_doratweet_with_same_logits(tmp_p
     assert max_rel_diff(model(ids).logits, expected) <= EXACT
 
 
-@pytest.mark.parametrize("spec, error", [
-    ("top:3", "--layers top:3: this model has 2 decoder layers; choose top:2 or fewer"),
-    ("1-2", "--layers 1-2: this model has 2 decoder layers, numbered 0-1"),
-])
-def test_layers_the_model_lacks_are_refused_in_one_line(spec, error):
+def test_layers_the_model_lacks_are_refused_in_one_line():
     model, _ = build_tiny_model()
-    with pytest.raises(UserError, match=re.escape(error)):
-        add_adapters(model, rank=4, alpha=8, layers=spec)
+    with pytest.raises(UserError, match=re.escape("--layers 1-2: this model has 2 decoder layers, numbered 0-1")):
+        add_adapters(model, rank=4, alpha=8, layers="1-2")
+
+
+def test_the_top_k_of_fewer_than_k_layers_are_all_of_them():
+    """The quick preset's top:15 on a model of fewer layers adapts every layer, and is saved as what it is: all."""
+    model, _ = build_tiny_model()
+    add_adapters(model, rank=4, alpha=8, layers="top:15")
+    assert get_adapter_config(model).layers == "0-1"
 
 
 @pytest.mark.parametrize("spec", ["top:0", "2-", "last", "1;2"])

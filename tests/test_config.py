@@ -159,3 +159,15 @@ def test_a_regular_expression_of_targets_is_kept_whole_when_an_adapter_is_traine
                                       "--model", "tiny", "--targets", "q_proj"])
     with pytest.raises(UserError, match=r"^--targets \('q_proj',\): the --init-adapter .* has .\*proj; drop --targets"):
         run_config(args)
+
+
+def test_training_precision_is_an_option_of_three_choices(tmp_path):
+    from doratweet.cli import run_config
+
+    parser = build_parser()
+    for text, value in (("auto", None), ("fp32", False), ("bf16", True)):
+        args = parser.parse_args(["train", "--out", str(tmp_path), "--train-precision", text])
+        assert run_config(args, None).train.bf16 is value
+    assert "--train-precision {auto,fp32,bf16}" in " ".join(verb_help("train").split())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--out", str(tmp_path), "--train-precision", "fp16"])

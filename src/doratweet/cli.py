@@ -42,7 +42,8 @@ def add_config_options(group, defaults, verb: str, default_text: str | None = No
             ",".join(default) if isinstance(default, tuple) else default)
         parse = f.metadata.get("parse") or next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],)
                                                 if t is not type(None))
-        group.add_argument(flag, dest=f.name, type=parse, default=None, metavar=flag[2:].upper().replace("-", "_"),
+        metavar = f.metadata.get("metavar", flag[2:].upper().replace("-", "_"))
+        group.add_argument(flag, dest=f.name, type=parse, default=None, metavar=metavar,
                            help=f"{f.metadata['help']} (default: {shown})")
 
 

@@ -33,6 +33,13 @@ def bf16_is_fast(device: torch.device) -> bool:
     return False
 
 
+def bf16_training_pays(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether training in bf16 (train.HalfWeights on a CPU, autocast on CUDA) is faster than fp32 here, as measured
+    (docs/performance.md, "Training precision"): where bf16 matmuls are native. An fp64 model was asked for
+    exactness: never."""
+    return dtype != torch.float64 and bf16_is_fast(device)
+
+
 def environment(device: torch.device) -> dict:
     """The machine and versions a run used, for metrics.json."""
     import transformers

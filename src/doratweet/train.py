@@ -18,6 +18,7 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -38,6 +39,7 @@ from .adapters import (
     note_on_adapter,
     save_adapter,
 )
+from .adapters.inject import decoder_layers
 from .adapters.peft_format import WEIGHTS_FILE
 from .checkpoints import (
     checkpoint_on_interrupt,
@@ -58,7 +60,7 @@ from .evaluate import (
     split_model,
 )
 from .frozen_layers import FrozenLayers, frozen_layers
-from .hardware import fp32_or_wider
+from .hardware import bf16_training_pays, fp32_or_wider
 from .models import cache_root
 from .prompts import IGNORE_INDEX, PromptFormat, training_example
 from .run_folder import ADAPTER_DIR, CHECKPOINT_DIR, LOG_FILE
@@ -149,7 +151,7 @@ def frozen_answer_loss(model, frozen: FrozenLayers, batch: list[int], targets, m
 def answer_token_loss(head, hidden, targets, label_smoothing: float, answer_tokens: int | None = None):
     """Cross-entropy of the answer tokens, the vocabulary projection run at their positions only."""
     predicts = targets[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
-    logits = fp32_or_wider(head(hidden[:, :-1][predicts]))
+    logits = fp32_or_wider(head(hidden[:, :-1][predicts].to(head.weight.dtype)))
     if answer_tokens is None:
         return F.cross_entropy(logits, targets[:, 1:][predicts], label_smoothing=label_smoothing)
     total = F.cross_entropy(logits, targets[:, 1:][predicts], label_smoothing=label_smoothing, reduction="sum")
@@ -243,6 +245,7 @@ class Session:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     validation: tuple[list[list[int]], list[int]] | None  # prompt ids and labels
     frozen: FrozenLayers | None = None  # the cached output of the layers below the adapters (--layers)
+    half_weights: HalfWeights | None = None  # bf16 training on a CPU
     state: TrainState = field(default_factory=TrainState)
     log_file: object = None  # rank 0's train_log.jsonl, open while training
     updating: bool = False  # True while the weights, optimizer and schedule are between two steps' states
@@ -278,7 +281,8 @@ def train(model, fmt: PromptFormat, train_split: Split, val_split: Split | None,
     if distributed.is_main_process():
         session.log_file = log_path.open("a" if resume else "w")
     try:
-        with checkpoint_on_interrupt(session.checkpoint, lambda: save(session), lambda: safe_to_save(session)):
+        with checkpoint_on_interrupt(session.checkpoint, lambda: save(session), lambda: safe_to_save(session)), \
+                (session.half_weights.held() if session.half_weights else nullcontext()):
             fit(session, progress, on_step)
             validate_and_keep_best(session)
     finally:
@@ -290,6 +294,42 @@ def train(model, fmt: PromptFormat, train_split: Split, val_split: Split | None,
     elif session.state.best_step != session.state.step:  # an earlier validation was better: bring it back
         load_trained_adapter(model, session.out_dir / ADAPTER_DIR)
     return summary(session, len(train_split))
+
+
+class HalfWeights:
+    """bf16 training on a CPU. Autocast alone casts every frozen weight to bf16 again on every call, forward and
+    backward, which cost more than the bf16 matmuls saved; so while training, the frozen weight matrices of the
+    decoder layers are held in bf16 (adapters, norms, embeddings and the output head stay fp32), and attention runs
+    eagerly, since the CPU's bf16 SDPA backward took 4x its fp32 time (docs/performance.md, "Training
+    precision"). Validation and everything after training see the model's own fp32 weights and attention: both
+    copies are kept, so switching costs nothing."""
+
+    def __init__(self, model):
+        self.model, self.attention = model, model.config._attn_implementation
+        self.pairs = [(parameter, parameter.data, parameter.data.to(torch.bfloat16))
+                      for layer in decoder_layers(model) for parameter in layer.parameters()
+                      if not parameter.requires_grad and parameter.dim() == 2 and parameter.dtype == torch.float32]
+
+    def use(self, half: bool) -> None:
+        for parameter, full, bf16 in self.pairs:
+            parameter.data = bf16 if half else full
+        self.model.set_attn_implementation("eager" if half else self.attention)
+
+    @contextmanager
+    def held(self):
+        self.use(True)
+        try:
+            yield
+        finally:
+            self.use(False)
+
+    @contextmanager
+    def paused(self):
+        self.use(False)
+        try:
+            yield
+        finally:
+            self.use(True)
 
 
 def setup(model, fmt: PromptFormat, train_split: Split, val_split: Split | None, config: TrainConfig, out_dir: Path,
@@ -330,9 +370,10 @@ def setup(model, fmt: PromptFormat, train_split: Split, val_split: Split | None,
     elif config.cache_frozen and config.adapter.layers != "all":
         frozen = frozen_layers(model, data.prefix, [ids for ids, _ in data.examples], fmt.tokenizer.pad_token_id,
                                cache_root() / "frozen-layers", progress and distributed.is_main_process())
-    return Session(model, fmt, config, notes, out_dir, base_model_id, device,
-                   config.bf16 if config.bf16 is not None else device.type == "cuda", params, loss_module, data,
-                   steps_per_epoch, total_steps, optimizer, scheduler, validation, frozen)
+    bf16 = bf16_training_pays(device, next(model.parameters()).dtype) if config.bf16 is None else config.bf16
+    half_weights = HalfWeights(model) if bf16 and device.type == "cpu" and not config.fsdp else None
+    return Session(model, fmt, config, notes, out_dir, base_model_id, device, bf16, params, loss_module, data,
+                   steps_per_epoch, total_steps, optimizer, scheduler, validation, frozen, half_weights)
 
 
 def fit(session: Session, progress: bool, on_step: Callable[[int], None] | None) -> None:
@@ -470,8 +511,9 @@ def validate_and_keep_best(session: Session) -> None:
     state, config = session.state, session.config
     metrics = None
     if distributed.is_main_process() or config.fsdp:  # under DDP the others wait for rank 0; under FSDP all score
-        metrics = validate(session.model, session.fmt, *session.validation, config.eval_batch_size,
-                           sharded=config.fsdp, bf16=session.bf16)
+        with session.half_weights.paused() if session.half_weights else nullcontext():
+            metrics = validate(session.model, session.fmt, *session.validation, config.eval_batch_size,
+                               sharded=config.fsdp, bf16=session.bf16)
     metrics = distributed.broadcast_from_main(metrics)
     log_line(session, {"step": state.step, "val_macro_f1": metrics["macro_f1"],
                        "val_macro_recall": metrics["macro_recall"], "val_accuracy": metrics["accuracy"]})
@@ -509,7 +551,8 @@ def summary(session: Session, train_examples: int) -> dict:
         "tokens": state.tokens,
         "seconds": round(state.seconds, 2),
         "device": session.device.type,
-        "precision": "bf16 autocast" if session.bf16 else "fp32",
+        "precision": ("bf16 (frozen weights held in bf16, adapters fp32)" if session.half_weights else
+                      "bf16 autocast" if session.bf16 else "fp32"),
         "processes": distributed.world_size(),
         "parallelism": ("fsdp" if config.fsdp else "ddp") if parallel else "none",
         "trainable_parameters": sum(p.numel() for p in session.params),

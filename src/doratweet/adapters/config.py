@@ -28,12 +28,8 @@ def layer_indices(spec: str, layer_count: int) -> tuple[int, ...]:
     """The decoder layers (0 = nearest the input) that `spec` selects in a model of `layer_count` layers."""
     if spec == "all":
         return tuple(range(layer_count))
-    if spec.startswith("top:"):
-        top = int(spec[4:])
-        if top > layer_count:
-            raise UserError(f"--layers {spec}: this model has {layer_count} decoder layers; choose top:{layer_count} "
-                            "or fewer")
-        return tuple(range(layer_count - top, layer_count))
+    if spec.startswith("top:"):  # the top K of fewer than K layers are all of them (a preset's top:15 on a small model)
+        return tuple(range(max(0, layer_count - int(spec[4:])), layer_count))
     chosen = set()
     for part in spec.split(","):
         first, _, last = part.partition("-")

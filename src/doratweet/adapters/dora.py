@@ -115,7 +115,7 @@ class DoRAFunction(torch.autograd.Function):
         s = ctx.scaling
         d_out = grad_out.reshape(-1, grad_out.shape[-1]).to(y.dtype)
         wide = g.dtype  # the adapter parameters' dtype: fp32, or fp64 for an fp64 model
-        d_g = (d_out.to(wide) * y.to(wide)).sum(0)  # fp32 reduction over tokens
+        d_g = torch.sum(d_out * y, dim=0, dtype=wide)  # summed in fp32 (no fp32 copies of the two)
         d_y = d_out * g.to(y.dtype)
         d_u = d_y @ B  # [tokens, r]
         d_B = s * (d_y.T @ u).to(wide)
