@@ -105,7 +105,12 @@ def write_gguf(model, source: Path, out: Path, quant: str, system_prompt: str, p
     if arch != "llama":
         raise UserError(f"--format gguf: {source} is a '{arch}' model; export to GGUF supports LLaMA-architecture "
                         "bases; export --format hf and convert it with llama.cpp's convert_hf_to_gguf.py")
-    tensors = gguf_tensors(model, reader)
+    arrays = gguf_tensors(model)
+    wanted = [t.name for t in reader.tensors]
+    if set(wanted) != set(arrays):
+        missing, extra = sorted(set(wanted) - set(arrays)), sorted(set(arrays) - set(wanted))
+        raise UserError(f"--format gguf: the merged model's weights do not match the tensors of {source} (missing "
+                        f"{missing[:3]}, extra {extra[:3]}); was the adapter trained on another base model?")
     writer = gguf.GGUFWriter(out, arch)
     for key, field in reader.fields.items():
         if key.startswith(_OWN_KEYS) or key == "general.architecture":
@@ -117,7 +122,8 @@ def write_gguf(model, source: Path, out: Path, quant: str, system_prompt: str, p
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_string("doratweet.system_prompt", system_prompt)
     writer.add_array("doratweet.labels", list(LABELS))
-    for name, array in tqdm(tensors, desc=f"writing {quant} GGUF", unit="tensor", disable=not progress):
+    for name in tqdm(wanted, desc=f"writing {quant} GGUF", unit="tensor", disable=not progress):
+        array = arrays[name]
         kind = _tensor_type(name, array, quant)
         data = array if kind == gguf.GGMLQuantizationType.F32 else (
             array.astype(np.float16) if kind == gguf.GGMLQuantizationType.F16 else gguf.quants.quantize(array, kind))
@@ -139,9 +145,9 @@ def _tensor_type(name: str, array: np.ndarray, quant: str):
     return gguf.GGMLQuantizationType.F16
 
 
-def gguf_tensors(model, reader) -> list[tuple[str, np.ndarray]]:
-    """The model's weights as fp32 arrays under GGUF names, in the order of `reader`'s tensors; LLaMA's q and k
-    rows in llama.cpp's rotary layout (transformers undoes it when it reads a GGUF, so it is done again here)."""
+def gguf_tensors(model) -> dict[str, np.ndarray]:
+    """The model's weights as fp32 arrays under llama.cpp's names; LLaMA's q and k rows in llama.cpp's rotary
+    layout (transformers undoes it when it reads a GGUF, so it is done again here)."""
     import gguf
 
     config = model.config
@@ -149,7 +155,7 @@ def gguf_tensors(model, reader) -> list[tuple[str, np.ndarray]]:
     state = model.state_dict()
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    ours = {}
+    arrays = {}
     for hf_name, tensor in state.items():
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
@@ -159,13 +165,8 @@ def gguf_tensors(model, reader) -> list[tuple[str, np.ndarray]]:
             array = _rotary_layout(array, config.num_attention_heads)
         elif name.endswith("attn_k.weight"):
             array = _rotary_layout(array, config.num_key_value_heads)
-        ours[name] = array
-    wanted = [t.name for t in reader.tensors]
-    if set(wanted) != set(ours):
-        missing, extra = sorted(set(wanted) - set(ours)), sorted(set(ours) - set(wanted))
-        raise UserError(f"--format gguf: the merged model's weights do not match the base GGUF's tensors (missing "
-                        f"{missing[:3]}, extra {extra[:3]}); was the adapter trained on another base model?")
-    return [(name, ours[name]) for name in wanted]
+        arrays[name] = array
+    return arrays
 
 
 def _rotary_layout(weight: np.ndarray, heads: int) -> np.ndarray:
