@@ -97,3 +97,46 @@ def test_a_base_that_is_no_gguf_exports_hf_and_gguf_says_how(tiny_model_dir, tin
     assert "not a GGUF file" in err and "convert_hf_to_gguf.py" in err and len(err.splitlines()) == 1
     assert main(["export", "--adapter", str(tiny_run_dir), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").is_file() and not list(tmp_path.glob(".hf-*"))
+
+
+def llama_cpp_answer_scores(gguf_file, prompts: list[list[int]], answers: list[list[int]]):
+    """What llama.cpp says each answer's log-likelihood is after each prompt ([n, 3], like score_labels): the
+    prompt evaluated once, then each answer after it, its tokens' log-probabilities summed."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_file), n_ctx=512, n_batch=512, logits_all=True, verbose=False, n_threads=2,
+                seed=0)
+    scores = np.zeros((len(prompts), len(answers)))
+    for row, prompt in enumerate(prompts):
+        for column, answer in enumerate(answers):
+            llm.reset()
+            llm.eval(prompt + answer)
+            logits = np.asarray(llm.scores[len(prompt) - 1 : len(prompt) + len(answer) - 1], dtype=np.float64)
+            logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+            scores[row, column] = logp[np.arange(len(answer)), answer].sum()
+    return scores
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16"])
+def test_llama_cpp_scores_the_answers_of_the_export_as_doratweet_does(tiny_gguf_adapter, tmp_path, quant):
+    """llama.cpp itself (llama-cpp-python) on the exported file against doratweet's score_labels on the merged
+    fp32 model, for the three answers after 40 prompts: the same label for every prompt, and log-likelihoods within
+    MEASURED."""
+    pytest.importorskip("llama_cpp")
+    from helpers import TWEETS
+
+    from doratweet.evaluate import score_labels
+    from doratweet.prompts import make_prompt_format
+
+    base_file, adapter = tiny_gguf_adapter
+    out = export(adapter, tmp_path / f"tiny.{quant}.gguf", "gguf", quant, progress=False)
+    base = load_base_model(str(base_file))
+    load_adapter(base.model, adapter)
+    merge_adapters(base.model)
+    fmt = make_prompt_format(base.tokenizer)
+    prompts = fmt.prompt_ids([t for t, _ in TWEETS] * 2)[:40]
+    ours = score_labels(base.model, fmt, prompts)
+    theirs = llama_cpp_answer_scores(out, prompts, fmt.answer_ids)
+    print(quant, "max abs diff", abs(ours - theirs).max(), "scale", abs(ours).max())
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
