@@ -287,8 +287,7 @@ def add_merge_verb(verbs) -> None:
                           "transformers (hf) or for llama.cpp and Ollama (gguf, with a README and a Modelfile)")
     ex.add_argument("--adapter", required=True, help="adapter or run folder")
     ex.add_argument("--format", choices=FORMATS, required=True, help="hf: a transformers folder; gguf: one .gguf file")
-    ex.add_argument("--quant", choices=QUANTS, default="f16", help="gguf weights (default: %(default)s; norms stay "
-                    "f32)")
+    ex.add_argument("--quant", choices=QUANTS, default=None, help="gguf weights (default: f16; norms stay f32)")
     ex.add_argument("--model", default=None, help="base model (default: the one the adapter names; for gguf, the "
                     "embedded model or a .gguf)")
     ex.add_argument("--out", required=True, help="hf: a folder that must not exist; gguf: a .gguf file that must not "

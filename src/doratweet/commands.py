@@ -142,6 +142,9 @@ def export_command(args) -> Path:
     from .export import export
 
     out = Path(args.out)
+    if args.format == "hf" and args.quant is not None:
+        raise UserError(f"--quant {args.quant}: applies to --format gguf; a transformers folder keeps the base "
+                        "model's dtype")
     folder = adapter_folder(args.adapter)
     if args.format == "hf" or out.suffix != ".gguf":
         if out.exists():
