@@ -12,7 +12,7 @@ from helpers import write_tiny_llama_gguf
 from doratweet.adapters import AdapterConfig, AdapterNotes, add_adapters, load_adapter, merge_adapters, save_adapter
 from doratweet.adapters.inject import note_on_adapter
 from doratweet.cli import main
-from doratweet.export import export
+from doratweet.export import export, llama_cpp_label_scores
 from doratweet.models import load_base_model
 
 
@@ -101,29 +101,6 @@ def test_a_base_that_is_no_gguf_exports_hf_and_gguf_says_how(tiny_model_dir, tin
     assert (tmp_path / "hf" / "config.json").is_file() and not list(tmp_path.glob(".hf-*"))
 
 
-def llama_cpp_answer_scores(gguf_file, prompts: list[list[int]], answers: list[list[int]], prefix: list[int]):
-    """What llama.cpp says each answer's log-likelihood is after each prompt ([n, 3], like score_labels). The
-    shared `prefix` is evaluated once, each prompt's rest once, and each answer after it (rewinding llama.cpp's
-    context to the end of the prompt); the answer tokens' log-probabilities are summed."""
-    import numpy as np
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(gguf_file), n_ctx=512, n_batch=512, logits_all=True, verbose=False, n_threads=2)
-    llm.eval(prefix)
-    scores = np.zeros((len(prompts), len(answers)))
-    for row, prompt in enumerate(prompts):
-        llm.n_tokens = len(prefix)
-        llm.eval(prompt[len(prefix) :])
-        end = llm.n_tokens
-        for column, answer in enumerate(answers):
-            llm.n_tokens = end
-            llm.eval(answer)
-            logits = np.asarray(llm.scores[end - 1 : end + len(answer) - 1], dtype=np.float64)
-            logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
-            scores[row, column] = logp[np.arange(len(answer)), answer].sum()
-    return scores
-
-
 def agree_within(ours, theirs, tolerance: float) -> None:
     """Every log-likelihood within `tolerance`; so the labels can differ only where doratweet's best two answers
     are within 2 x tolerance of each other, and they must agree everywhere else."""
@@ -144,7 +121,7 @@ def test_llama_cpp_scores_the_answers_of_the_export_as_doratweet_does(tiny_gguf_
     pytest.importorskip("llama_cpp")
     from helpers import TWEETS
 
-    from doratweet.evaluate import common_prefix, score_labels
+    from doratweet.evaluate import score_labels
     from doratweet.prompts import make_prompt_format
 
     base_file, adapter = tiny_gguf_adapter
@@ -153,7 +130,7 @@ def test_llama_cpp_scores_the_answers_of_the_export_as_doratweet_does(tiny_gguf_
     fmt = make_prompt_format(load_base_model(str(base_file)).tokenizer)
     prompts = fmt.prompt_ids([t for t, _ in TWEETS] * 2)[:40]
     ours = score_labels(model, fmt, prompts)
-    theirs = llama_cpp_answer_scores(out, prompts, fmt.answer_ids, common_prefix(fmt, prompts))
+    theirs = llama_cpp_label_scores(out, fmt, prompts, threads=2)
     agree_within(ours, theirs, 0.05)
 
 
@@ -170,7 +147,7 @@ def test_llama_cpp_labels_test_tweets_as_doratweet_does_with_the_shipped_adapter
     if not REAL_TWEETEVAL.exists():
         pytest.skip(f"the TweetEval sentiment copy is not at {REAL_TWEETEVAL}")
     from doratweet.data import load_split
-    from doratweet.evaluate import common_prefix, score_labels
+    from doratweet.evaluate import score_labels
     from doratweet.predict import SHIPPED_ADAPTER
     from doratweet.prompts import make_prompt_format
 
@@ -181,7 +158,7 @@ def test_llama_cpp_labels_test_tweets_as_doratweet_does_with_the_shipped_adapter
     fmt = make_prompt_format(base.tokenizer)
     prompts = fmt.prompt_ids(load_split(str(REAL_TWEETEVAL), "test").head(300).texts)
     ours = score_labels(base.model, fmt, prompts)
-    theirs = llama_cpp_answer_scores(out, prompts, fmt.answer_ids, common_prefix(fmt, prompts))
+    theirs = llama_cpp_label_scores(out, fmt, prompts, threads=2)
     import numpy as np
     print(quant, "max", np.abs(ours - theirs).max(), "p99", np.quantile(np.abs(ours - theirs), 0.99),
           "labels equal", (ours.argmax(1) == theirs.argmax(1)).mean())

@@ -175,6 +175,33 @@ def _rotary_layout(weight: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+def llama_cpp_label_scores(gguf_file: Path, fmt, prompts: list[list[int]], threads: int | None = None,
+                           progress: bool = False) -> np.ndarray:
+    """What llama.cpp (llama-cpp-python) makes of an exported file: each label's whole answer's log-likelihood
+    after each prompt, [n, 3], as `evaluate.score_labels` gives doratweet's. The prompts' shared prefix is evaluated
+    once, each prompt's rest once, and each answer after it (llama.cpp's context rewound to the prompt's end)."""
+    from llama_cpp import Llama
+
+    from .evaluate import common_prefix
+
+    llm = Llama(model_path=str(gguf_file), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
+                n_threads=threads or torch.get_num_threads())
+    prefix = common_prefix(fmt, prompts)
+    llm.eval(prefix)
+    scores = np.zeros((len(prompts), len(fmt.answer_ids)))
+    for row, prompt in enumerate(tqdm(prompts, desc="llama.cpp scoring", unit="tweet", disable=not progress)):
+        llm.n_tokens = len(prefix)
+        llm.eval(prompt[len(prefix) :])
+        end = llm.n_tokens
+        for column, answer in enumerate(fmt.answer_ids):
+            llm.n_tokens = end
+            llm.eval(answer)
+            logits = np.asarray(llm.scores[end - 1 : end + len(answer) - 1], dtype=np.float64)
+            log_probs = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+            scores[row, column] = log_probs[np.arange(len(answer)), answer].sum()
+    return scores
+
+
 def modelfile(gguf_name: str, system_prompt: str) -> str:
     """Ollama's Modelfile: the file, the classification prompt, greedy decoding, and a stop at end of turn."""
     return (f"FROM ./{gguf_name}\n"
