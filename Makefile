@@ -21,10 +21,16 @@ $(BIN)/doratweet: pyproject.toml requirements-dev.txt
 
 setup: $(BIN)/doratweet
 
+# llama.cpp's Python binding, to check exported GGUF files in the tests: pip compiles llama.cpp (a few minutes,
+# gcc and cmake), so only `make test` installs it, not `make demo`.
+$(VENV)/.llama-cpp: requirements-llama.txt $(BIN)/doratweet
+	$(BIN)/pip install -q -r requirements-llama.txt
+	touch $@
+
 demo: setup
 	$(BIN)/doratweet run --out runs/quick --overwrite
 
-test: setup
+test: setup $(VENV)/.llama-cpp
 	$(BIN)/python -m pytest tests
 
 # The inner loop while editing (under a minute): `make test` above is what CI runs.

@@ -124,3 +124,45 @@ def models_in_float64():
             yield
     finally:
         models._load_folder = load_folder
+
+
+def write_tiny_llama_gguf(path, seed: int = 0):
+    """A tiny random LLaMA (2 layers, hidden 64) as an f32 GGUF file with the embedded SmolLM2's tokenizer and chat
+    template, copied from its GGUF: a GGUF base model that loads in seconds, for the export tests."""
+    import gguf
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from doratweet.export import gguf_tensors
+    from doratweet.models import embedded_gguf_path
+
+    source = gguf.GGUFReader(embedded_gguf_path())
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    writer = gguf.GGUFWriter(path, "llama")
+    for key, field in source.fields.items():
+        if key.startswith(("GGUF.", "llama.", "general.architecture", "general.file_type", "general.quantization")):
+            continue
+        sub_type = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for name, array in gguf_tensors(model).items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

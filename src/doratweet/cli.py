@@ -277,10 +277,22 @@ def add_push_verb(verbs) -> None:
 
 
 def add_merge_verb(verbs) -> None:
-    mg = verbs.add_parser("merge", help="fold an adapter into its base model and save a plain transformers model")
+    from .export import FORMATS, QUANTS
+
+    mg = verbs.add_parser("merge", help="fold an adapter into its base model and save a plain transformers model "
+                          "(the same as export --format hf)")
     mg.add_argument("--adapter", required=True, help="adapter or run folder")
     mg.add_argument("--model", default=None, help="base model (default: the one the adapter names)")
     mg.add_argument("--out", required=True, help="folder for the merged model (must not exist)")
+    ex = verbs.add_parser("export", help="fold an adapter into its base model (exactly, in fp32) and save it for "
+                          "transformers (hf) or for llama.cpp and Ollama (gguf, with a README and a Modelfile)")
+    ex.add_argument("--adapter", required=True, help="adapter or run folder")
+    ex.add_argument("--format", choices=FORMATS, required=True, help="hf: a transformers folder; gguf: one .gguf file")
+    ex.add_argument("--quant", choices=QUANTS, default=None, help="gguf weights (default: f16; norms stay f32)")
+    ex.add_argument("--model", default=None, help="base model (default: the one the adapter names; for gguf, the "
+                    "embedded model or a .gguf)")
+    ex.add_argument("--out", required=True, help="hf: a folder that must not exist; gguf: a .gguf file that must not "
+                    "exist, or a new folder to put NAME.QUANT.gguf, README.md and Modelfile in")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,9 +369,17 @@ def cmd_report(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .commands import merge_command
+    from .commands import export_command
 
-    print(merge_command(args))
+    args.format, args.quant = "hf", None
+    print(export_command(args))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .commands import export_command
+
+    print(export_command(args))
     return 0
 
 
@@ -383,7 +403,7 @@ def cmd_push(args) -> int:
 
 
 VERBS = {"run": cmd_run, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-         "report": cmd_report, "merge": cmd_merge, "serve": cmd_serve, "push": cmd_push}
+         "report": cmd_report, "merge": cmd_merge, "export": cmd_export, "serve": cmd_serve, "push": cmd_push}
 
 if __name__ == "__main__":
     sys.exit(main())

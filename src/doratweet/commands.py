@@ -1,14 +1,12 @@
-"""The bodies of the `train`, `evaluate`, `predict` and `merge` verbs: load, call the building block, write."""
+"""The bodies of the `train`, `evaluate`, `predict` and `export`/`merge` verbs: load, call the building block, write."""
 
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 from . import distributed
-from .adapters import load_adapter, merge_adapters, read_adapter_record
+from .adapters import load_adapter, read_adapter_record
 from .config import DataConfig, RunConfig
 from .data import load_split
 from .errors import UserError
@@ -139,20 +137,20 @@ def _format_from_extension(path: str | None) -> str:
     raise UserError(f"--output {path}: use a .jsonl or .csv file name, or pass --format")
 
 
-def merge_command(args) -> Path:
+def export_command(args) -> Path:
+    """`export` (and `merge`, its `--format hf`): refuse an --out that exists before any work, then export."""
+    from .export import export
+
     out = Path(args.out)
-    if out.exists():
-        raise UserError(f"--out {out}: already exists; choose a new folder")
+    if args.format == "hf" and args.quant is not None:
+        raise UserError(f"--quant {args.quant}: applies to --format gguf; a transformers folder keeps the base "
+                        "model's dtype")
     folder = adapter_folder(args.adapter)
-    base = load_base_model(args.model or base_model_spec(read_adapter_record(folder)))
-    load_adapter(base.model, folder)
-    merge_adapters(base.model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        base.model.save_pretrained(tmp)
-        base.tokenizer.save_pretrained(tmp)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    if args.format == "hf" or out.suffix != ".gguf":
+        if out.exists():
+            raise UserError(f"--out {out}: already exists; choose a new folder")
+    elif out.exists() or out.is_symlink():
+        raise UserError(f"--out {out}: already exists; choose a new file name")
+    elif any((out.parent / name).exists() for name in ("README.md", "Modelfile")):
+        raise UserError(f"--out {out}: {out.parent} already holds a README.md or Modelfile; choose a new folder")
+    return export(folder, out, args.format, args.quant or "f16", model=args.model)
