@@ -112,7 +112,7 @@ def agree_within(ours, theirs, tolerance: float) -> None:
     assert (ours.argmax(1) == theirs.argmax(1))[clear].all()
 
 
-@pytest.mark.parametrize("quant", ["f32", "f16"])
+@pytest.mark.parametrize("quant", ["f32", "f16"])  # q8_0: llama-cpp-python 0.3.36 crashes on it here, see serving.md
 def test_llama_cpp_scores_the_answers_of_the_export_as_doratweet_does(tiny_gguf_adapter, tmp_path, quant):
     """llama.cpp itself (llama-cpp-python) on the exported file against doratweet's score_labels on the merged
     fp32 model: the three answers' log-likelihoods after 40 prompts. Measured (Intel Xeon with AMX): at most 0.006
@@ -138,11 +138,12 @@ REAL_TWEETEVAL = Path(__file__).resolve().parents[2] / "shared/data/tweeteval/se
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+@pytest.mark.parametrize("quant", ["f16"])  # q8_0: llama-cpp-python 0.3.36 crashes on it here, see serving.md
 def test_llama_cpp_labels_test_tweets_as_doratweet_does_with_the_shipped_adapter(tmp_path, quant):
     """The embedded SmolLM2 with the shipped (trained) adapter, exported, in llama.cpp against doratweet's scores on
-    the merged fp32 model, first 300 test tweets: the same label for every one. Measured (Intel Xeon with AMX):
-    log-likelihoods at most MEASURED apart in f16 and MEASURED in q8_0."""
+    the merged fp32 model, first 300 test tweets. Measured (Intel Xeon with AMX, f16): log-likelihoods at most 0.011
+    apart; 298 of 300 labels equal, the other two near-ties (doratweet's best two answers 0.0014 and 0.0007 apart).
+    Bounded at 0.05, labels equal wherever the best answer leads by more than 0.1, and at least 98.5% equal."""
     pytest.importorskip("llama_cpp")
     if not REAL_TWEETEVAL.exists():
         pytest.skip(f"the TweetEval sentiment copy is not at {REAL_TWEETEVAL}")
@@ -159,11 +160,11 @@ def test_llama_cpp_labels_test_tweets_as_doratweet_does_with_the_shipped_adapter
     prompts = fmt.prompt_ids(load_split(str(REAL_TWEETEVAL), "test").head(300).texts)
     ours = score_labels(base.model, fmt, prompts)
     theirs = llama_cpp_label_scores(out, fmt, prompts, threads=2)
-    import numpy as np
-    print(quant, "max", np.abs(ours - theirs).max(), "p99", np.quantile(np.abs(ours - theirs), 0.99),
-          "labels equal", (ours.argmax(1) == theirs.argmax(1)).mean())
-    top_two = np.sort(ours, axis=1)[:, -2:]
-    differ = ours.argmax(1) != theirs.argmax(1)
-    print("gaps where they differ", (top_two[:, 1] - top_two[:, 0])[differ])
-    agree_within(ours, theirs, 0.05 if quant == "f16" else 0.5)
+    agree_within(ours, theirs, 0.05)
     assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.985
+
+
+def test_quant_with_the_hf_format_is_an_error_not_ignored(tiny_run_dir, tmp_path, capsys):
+    assert main(["export", "--adapter", str(tiny_run_dir), "--format", "hf", "--quant", "q8_0", "--out",
+                 str(tmp_path / "hf")]) != 0
+    assert "--quant q8_0: applies to --format gguf" in capsys.readouterr().err and not (tmp_path / "hf").exists()

@@ -64,7 +64,7 @@ def lite_oute_dir(tmp_path_factory):
 def course_run(lite_oute_dir, tiny_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("lite-oute-run") / "run"
     assert main(["--quiet", "run", "--model", str(lite_oute_dir), "--data", str(tiny_data_dir), "--out", str(out),
-                 "--method", "dora", "--targets", "k_proj,v_proj", "--rank", "8", "--alpha", "16",
+                 "--method", "dora", "--targets", "k_proj,v_proj", "--rank", "8", "--alpha", "16", "--layers", "all",
                  "--max-steps", "2", "--batch-size", "4", "--test-limit", "4", "--generate-limit", "2"]) == 0
     return out
 

@@ -166,9 +166,9 @@ def add_run_verb(verbs) -> None:
     add_config_options(run, DataConfig(), "run")
     run.add_argument("--out", default="runs/latest", help="run folder to write (default: %(default)s)")
     run.add_argument("--preset", choices=list(PRESETS), default=None,
-                     help="quick: subsets for a CPU in < 15 min; best: the shipped adapter's recipe (all train "
-                     "tweets in 2 rounds, whole test split, ~2 h 20 min on a CPU); full: all data (default: full on "
-                     "CUDA, else quick)")
+                     help="quick: subsets and the top 15 layers, for a CPU in < 10 min (--layers all for every layer); "
+                     "best: the shipped adapter's recipe (all train tweets in 2 rounds, whole test split, ~2 h 20 min "
+                     "on a CPU); full: all data (default: full on CUDA, else quick)")
     run.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N tweets (default: preset's)")
     add_init_adapter_options(run)
     run.add_argument("--test-limit", type=positive_int, default=None, help="evaluate on the first N test tweets (default: preset's)")
