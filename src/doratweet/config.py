@@ -75,8 +75,9 @@ class TrainConfig:
     eval_batch_size: int = 32  # validation tweets per batch
     bf16: bool | None = field(default=None, metadata={
         "flag": "--train-precision", "parse": parse_precision, "default_help": "auto", "metavar": "{auto,fp32,bf16}",
-        "help": "arithmetic of training: fp32, bf16 (autocast; adapters, norms and the loss stay fp32), or auto: "
-                "bf16 where it makes a step faster (CUDA, and CPUs with AVX512-BF16 but no AMX), else fp32"})
+        "help": "arithmetic of training: fp32; bf16 (on a CPU the frozen weights are held in bf16; adapters, norms "
+                "and the loss stay fp32); or auto: bf16 where bf16 is fast (CUDA, CPUs with AMX or AVX512-BF16), "
+                "never for an fp64 model"})
     fsdp: bool = field(default=False, metadata={
         "help": "under torchrun: shard the base model across the processes (FSDP) instead of copying it to each "
                 "(DDP), for models that do not fit one GPU", "verbs": ("train",)})
