@@ -268,3 +268,67 @@ def test_training_precision_auto_is_bf16_where_bf16_is_fast_and_never_for_fp64(m
         monkeypatch.setattr(hardware, "bf16_is_fast", lambda device, fast=fast: fast)
         assert hardware.bf16_training_pays(cpu, torch.float32) is fast
         assert hardware.bf16_training_pays(cpu, torch.float64) is False
+
+
+def test_class_weighted_loss_is_the_label_weighted_mean_and_balanced_weights_average_one():
+    from doratweet.train import TrainingData, answer_token_loss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 20, bias=False)
+    hidden = torch.randn(3, 5, 8)
+    targets = torch.full((3, 5), -100)
+    targets[0, 3:] = torch.tensor([4, 7])  # tweet 0: two answer tokens; tweets 1 and 2: one each
+    targets[1, 4], targets[2, 2] = 9, 11
+    plain = answer_token_loss(head, hidden, targets, 0.0)
+    assert torch.allclose(answer_token_loss(head, hidden, targets, 0.0, row_weights=torch.ones(3)), plain,
+                          rtol=1e-6, atol=0)
+    weights = torch.tensor([0.5, 2.0, 1.0])
+    logits = head(hidden[:, :-1])
+    per_token = [(0, 2, 4), (0, 3, 7), (1, 3, 9), (2, 1, 11)]  # (tweet, position, next token)
+    losses = torch.stack([torch.nn.functional.cross_entropy(logits[b, t], torch.tensor(y)) for b, t, y in per_token])
+    token_weights = torch.tensor([weights[b] for b, _, _ in per_token])
+    expected = (losses * token_weights).sum() / token_weights.sum()
+    assert torch.allclose(answer_token_loss(head, hidden, targets, 0.0, row_weights=weights), expected, rtol=1e-6)
+
+    data = TrainingData([], [], [], [], labels=[0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2])
+    weights = data.class_weights()
+    assert weights == pytest.approx([1.0, 2.0, 2 / 3])  # 12 / (3 x count)
+    assert sum(weights[y] for y in data.labels) / len(data.labels) == pytest.approx(1.0)
+
+
+def test_class_weighted_training_weights_the_loss_of_each_tweet_by_its_label(tmp_path, monkeypatch):
+    import doratweet.train as train_module
+
+    seen = []
+    loss = train_module.answer_loss
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("row_weights"))
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "answer_loss", recording)
+    run(tmp_path, "plain", max_steps=2)
+    assert seen == [None, None]
+    seen.clear()
+    run(tmp_path, "weighted", max_steps=2, class_weighted=True)
+    counts = torch.bincount(torch.tensor(TRAIN.labels), minlength=3).float()
+    expected = len(TRAIN.labels) / (3 * counts)
+    assert len(seen) == 2 and all(w is not None and set(w.tolist()) <= set(expected.tolist()) for w in seen)
+
+
+def test_report_to_tensorboard_writes_the_training_log_as_events(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, tokenizer = build_tiny_model()
+    config = TrainConfig(AdapterConfig(rank=4, alpha=8), batch_size=4, lr=5e-3, log_every=1, max_steps=4,
+                         eval_every=2)
+    train(model, make_prompt_format(tokenizer), TRAIN, VAL, config, tmp_path / "a", progress=False,
+          report_to="tensorboard")
+    lines = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "a" / "tensorboard"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert losses == [(x["step"], pytest.approx(x["loss"])) for x in lines if "loss" in x]
+    f1 = [(e.step, e.value) for e in events.Scalars("eval/macro_f1")]
+    assert f1 == [(x["step"], pytest.approx(x["val_macro_f1"])) for x in lines if "val_macro_f1" in x]
+    assert "train/lr" in events.Tags()["scalars"]

@@ -80,6 +80,10 @@ def add_training_options(p: argparse.ArgumentParser, verb: str) -> None:
     add_config_options(group, TrainConfig().adapter, verb, preset_default)
     add_config_options(group, TrainConfig(), verb, preset_default)
     group.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system prompt (default: %(default)r)")
+    group.add_argument("--report-to", choices=["none", "tensorboard"], default="none",
+                       help="also write the training curves (loss, lr, validation) as TensorBoard events in "
+                       "OUT/tensorboard, as the Hugging Face Trainer does; needs `pip install tensorboard` "
+                       "(default: %(default)s)")
 
 
 def add_init_adapter_options(p: argparse.ArgumentParser) -> None:
@@ -123,7 +127,7 @@ def run_config(args, preset: Preset | None = None) -> RunConfig:
                      system_prompt=args.system_prompt, init_adapter=init_folder, train_skip=args.train_skip,
                      train_limit=args.train_limit or (preset.train_limit if preset else None),
                      trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, resume=args.resume,
-                     progress=not args.quiet, **limits)
+                     progress=not args.quiet, report_to=args.report_to, **limits)
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -151,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND", parser_class=OneLineErrors)
     add_run_verb(verbs)
     add_train_verb(verbs)
+    add_tune_verb(verbs)
     add_evaluate_verb(verbs)
     add_predict_verb(verbs)
     add_report_verb(verbs)
@@ -193,6 +198,34 @@ def add_train_verb(verbs) -> None:
     tr.add_argument("--overwrite", action="store_true", help="replace a previous run in --out: only the files "
                     "a doratweet run wrote are removed; anything else under their names is refused (default: off)")
     add_training_options(tr, "train")
+
+
+def add_tune_verb(verbs) -> None:
+    tu = verbs.add_parser("tune", help="search hyperparameters: an Optuna study whose trials are train runs, "
+                          "resumable, shareable by several machines")
+    add_model_options(tu)
+    add_config_options(tu, DataConfig(), "tune")
+    tu.add_argument("--space", required=True, help="search space, a YAML file: option: value, {low, high, log, "
+                    "step} or {choices: [...]} (see docs/experiments.md) (required)")
+    tu.add_argument("--out", required=True, help="study folder: study.db, trials/NNNN, leaderboard, plots, best/ "
+                    "(required)")
+    tu.add_argument("--trials", type=positive_int, default=20, help="stop when the study holds N trials, pruned "
+                    "and failed ones included (default: %(default)s)")
+    tu.add_argument("--study", default="doratweet", help="study name in --storage (default: %(default)s)")
+    tu.add_argument("--storage", default=None, help="Optuna storage URL shared by several workers, e.g. "
+                    "sqlite:////shared/study.db or postgresql://... (default: sqlite in --out)")
+    tu.add_argument("--holdout", type=positive_int, default=4000, help="hold out the first N train tweets: no trial "
+                    "trains on them, every trial is scored on them (default: %(default)s)")
+    tu.add_argument("--eval-every-tweets", type=positive_int, default=8000, help="validate (and let the pruner "
+                    "judge) every N training tweets (default: %(default)s)")
+    tu.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",
+                    help="stop unpromising trials early on validation macro-F1 (default: %(default)s)")
+    tu.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler, mixed with the worker's "
+                    "host and --out (default: %(default)s)")
+    tu.add_argument("--train-limit", type=positive_int, default=None, help="train each trial on the first N tweets "
+                    "after the held-out ones (default: all)")
+    tu.add_argument("--resume", action="store_true", help="go on with the study in --out (default: off)")
+    add_training_options(tu, "tune")
 
 
 def add_evaluate_verb(verbs) -> None:
@@ -345,6 +378,22 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from .models import EMBEDDED_NAME
+    from .search_space import read_search_space
+    from .tune import TuneConfig, tune
+
+    train = with_options(TrainConfig(), given(args, AdapterConfig), given(args, TrainConfig))
+    base = RunConfig(out=args.out, model=args.model or EMBEDDED_NAME, rounds=(Round(None, train),),
+                     data=data_config(args), system_prompt=args.system_prompt, train_limit=args.train_limit,
+                     trust_remote_code=args.trust_remote_code, progress=not args.quiet, report_to=args.report_to)
+    space = read_search_space(args.space, base)
+    tune(TuneConfig(out=Path(args.out), space=space, base=base, trials=args.trials, study=args.study,
+                    storage=args.storage, holdout=args.holdout, eval_every_tweets=args.eval_every_tweets,
+                    pruner=args.pruner, seed=args.sampler_seed, resume=args.resume, progress=not args.quiet))
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .commands import evaluate_command
 
@@ -402,7 +451,7 @@ def cmd_push(args) -> int:
     return 0
 
 
-VERBS = {"run": cmd_run, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+VERBS = {"run": cmd_run, "train": cmd_train, "tune": cmd_tune, "evaluate": cmd_evaluate, "predict": cmd_predict,
          "report": cmd_report, "merge": cmd_merge, "export": cmd_export, "serve": cmd_serve, "push": cmd_push}
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def train_command(config: RunConfig) -> dict:
         start_out_dir(config.out, config.overwrite)
     summary = train(prepared.base.model, prepared.fmt, data.train, data.splits.get("validation"), config.train,
                     config.out, notes=prepared.notes, resume=config.resume, progress=config.progress,
-                    base_model_id=prepared.base.base_model_id)
+                    base_model_id=prepared.base.base_model_id, report_to=config.report_to)
     if distributed.is_main_process():
         write_json(config.out / SUMMARY_FILE, summary)
         log.info("adapter saved in %s", config.out / ADAPTER_DIR)

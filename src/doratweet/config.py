@@ -15,6 +15,7 @@ checks again. A field's `help` metadata is its documentation, and the command li
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -62,12 +63,15 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = 1.0
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the answer-token loss"})
+    class_weighted: bool = field(default=False, metadata={
+        "help": "weight each tweet's loss by the inverse of its label's share of the training tweets, so that every "
+                "label counts alike, as in macro-F1"})
     seed: int = field(default=0, metadata={"help": "random seed (same seed, same result on CPU)"})
     eval_every: int = field(default=0, metadata={
-        "help": "validate every N steps and keep the best adapter (0: only at the end)"})
+        "help": "validate every N steps and keep the best adapter (0: only at the end)", "verbs": ("run", "train")})
     eval_limit: int | None = field(default=None, metadata={"help": "validate on the first N validation tweets"})
     save_every: int = field(default=0, metadata={
-        "help": "write a resumable checkpoint every N steps (0: only on Ctrl-C)"})
+        "help": "write a resumable checkpoint every N steps (0: only on Ctrl-C)", "verbs": ("run", "train")})
     log_every: int = field(default=10, metadata={"help": "write the mean training loss to train_log.jsonl every N steps"})
     cache_frozen: bool = field(default=True, metadata={
         "help": "with --layers: compute the frozen layers below the adapters once per tweet, keep their output on "
@@ -164,6 +168,7 @@ class RunConfig:
     eval_batch_size: int = 32  # test tweets per evaluation batch
     eval_bf16: bool | None = None  # None: bf16 where it is fast (hardware.bf16_is_fast)
     preset: str | None = None  # the preset's name, recorded in metrics.json
+    report_to: str = "none"  # "tensorboard": training curves also as TensorBoard events (train.tensorboard_writer)
     trust_remote_code: bool = False
     overwrite: bool = False
     resume: bool = False
@@ -173,6 +178,10 @@ class RunConfig:
         object.__setattr__(self, "out", Path(self.out))
         if self.overwrite and self.resume:
             raise UserError("--overwrite and --resume: choose one (start again, or continue the run in --out)")
+        if self.report_to not in ("none", "tensorboard"):
+            raise UserError(f"--report-to {self.report_to}: choose none or tensorboard")
+        if self.report_to == "tensorboard" and not any(map(importlib.util.find_spec, ("tensorboard", "tensorboardX"))):
+            raise UserError("--report-to tensorboard: needs the tensorboard package; pip install tensorboard")
 
     @property
     def train(self) -> TrainConfig:

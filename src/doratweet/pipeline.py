@@ -167,7 +167,8 @@ def train_in_rounds(model, fmt, rounds: list[SlicedRound], validation: Split | N
         else:
             resumes = config.resume and distributed.any_process(bool(checkpoint_folders(folder / CHECKPOINT_DIR)))
             summary = train(model, fmt, sliced.tweets, validation, sliced.round.train, folder, notes=round_notes,
-                            resume=resumes, progress=config.progress, base_model_id=base_model_id)
+                            resume=resumes, progress=config.progress, base_model_id=base_model_id,
+                            report_to=config.report_to)
             if not last and distributed.is_main_process():
                 write_json(folder / SUMMARY_FILE, summary)
         summaries.append({**summary, "first_train_tweet": first_tweet + 1})

@@ -34,6 +34,7 @@ ADAPTER_DIR = "adapter"  # the best adapter, in PEFT's format
 CHECKPOINT_DIR = "checkpoint"  # checkpoints.py: step-NNNNNNNN/
 LOG_FILE = "train_log.jsonl"  # one JSON object a line: losses every --log-every steps, validations
 SUMMARY_FILE = "train_summary.json"  # what training did; in out/round-N it also marks the round as done
+TENSORBOARD_DIR = "tensorboard"  # --report-to tensorboard: the lines of train_log.jsonl as TensorBoard events
 # What `doratweet run` writes on top:
 METRICS_FILE = "metrics.json"
 CARD_FILE = "README.md"  # the model card
@@ -196,6 +197,7 @@ TRAINING_LAYOUT = _Layout({
                                          r"\.step-\d{8}\.tmp": _CHECKPOINT_STEP})),
     LOG_FILE: _file(_train_log),
     SUMMARY_FILE: _file(lambda p: is_json_object(p, "steps")),
+    TENSORBOARD_DIR: _folder(_Layout({}, {r"events\.out\.tfevents\.[^/]+": _file()})),
 })
 RUN_LAYOUT = _Layout({
     **TRAINING_LAYOUT.names,

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import LABELS, distributed
 from .adapters import (
     AdapterNotes,
     adapter_parameters,
@@ -63,7 +63,7 @@ from .frozen_layers import FrozenLayers, frozen_layers
 from .hardware import bf16_training_pays, fp32_or_wider
 from .models import cache_root
 from .prompts import IGNORE_INDEX, PromptFormat, training_example
-from .run_folder import ADAPTER_DIR, CHECKPOINT_DIR, LOG_FILE
+from .run_folder import ADAPTER_DIR, CHECKPOINT_DIR, LOG_FILE, TENSORBOARD_DIR
 from .stopping import StopRequests
 
 log = logging.getLogger("doratweet")
@@ -113,13 +113,15 @@ def right_pad(examples, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor
 
 
 def answer_loss(model, ids, targets, mask, prefix: list[int] = (), label_smoothing: float = 0.0,
-                answer_tokens: int | None = None) -> torch.Tensor:
+                answer_tokens: float | None = None, row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy on the answer tokens only; the vocabulary projection runs only at those positions,
     which skips most of the output head's cost (49k words x every prompt token for SmolLM2).
 
     `ids` hold what follows the shared `prefix` (computed once for the batch, see `prefix_cache`). The loss is
     the mean over the batch's answer tokens; with `answer_tokens` it is their sum divided by that count instead,
-    so that the slices of one global batch on several ranks add up to exactly the whole batch's mean."""
+    so that the slices of one global batch on several ranks add up to exactly the whole batch's mean. With
+    `row_weights` (one per tweet: --class-weighted) the mean is weighted, and `answer_tokens` is the batch's total
+    weight."""
     decoder, head = split_model(model)
     cache = prefix_cache(decoder, list(prefix), ids.shape[0], ids.device)
     if cache is None:
@@ -130,11 +132,11 @@ def answer_loss(model, ids, targets, mask, prefix: list[int] = (), label_smoothi
         positions = n + torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
         hidden = decoder(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
                          use_cache=True).last_hidden_state
-    return answer_token_loss(head, hidden, targets, label_smoothing, answer_tokens)
+    return answer_token_loss(head, hidden, targets, label_smoothing, answer_tokens, row_weights)
 
 
-def frozen_answer_loss(model, frozen: FrozenLayers, batch: list[int], targets, mask,
-                       label_smoothing: float = 0.0) -> torch.Tensor:
+def frozen_answer_loss(model, frozen: FrozenLayers, batch: list[int], targets, mask, label_smoothing: float = 0.0,
+                       row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """`answer_loss` with the frozen bottom's output read from its cache (frozen_layers.py): only the layers above
     it run, forward and backward."""
     dtype = next(frozen.top.parameters()).dtype
@@ -145,13 +147,19 @@ def frozen_answer_loss(model, frozen: FrozenLayers, batch: list[int], targets, m
     positions = n + torch.arange(width, device=mask.device).expand(len(batch), -1)
     hidden = frozen.top(inputs_embeds=hidden, attention_mask=full_mask, position_ids=positions,
                         past_key_values=cache, use_cache=cache is not None).last_hidden_state
-    return answer_token_loss(model.get_output_embeddings(), hidden, targets, label_smoothing)
+    return answer_token_loss(model.get_output_embeddings(), hidden, targets, label_smoothing, row_weights=row_weights)
 
 
-def answer_token_loss(head, hidden, targets, label_smoothing: float, answer_tokens: int | None = None):
-    """Cross-entropy of the answer tokens, the vocabulary projection run at their positions only."""
+def answer_token_loss(head, hidden, targets, label_smoothing: float, answer_tokens: float | None = None,
+                      row_weights: torch.Tensor | None = None):
+    """Cross-entropy of the answer tokens, the vocabulary projection run at their positions only; each tweet's
+    tokens weighted by `row_weights` when given (a weighted mean, as cross_entropy's own `weight` makes one)."""
     predicts = targets[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
     logits = fp32_or_wider(head(hidden[:, :-1][predicts].to(head.weight.dtype)))
+    if row_weights is not None:
+        token_weights = row_weights.to(logits.dtype)[:, None].expand_as(predicts)[predicts]
+        losses = F.cross_entropy(logits, targets[:, 1:][predicts], label_smoothing=label_smoothing, reduction="none")
+        return (losses * token_weights).sum() / (token_weights.sum() if answer_tokens is None else answer_tokens)
     if answer_tokens is None:
         return F.cross_entropy(logits, targets[:, 1:][predicts], label_smoothing=label_smoothing)
     total = F.cross_entropy(logits, targets[:, 1:][predicts], label_smoothing=label_smoothing, reduction="sum")
@@ -166,8 +174,8 @@ class AnswerLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids, targets, mask, prefix, label_smoothing, answer_tokens):
-        return answer_loss(self.model, ids, targets, mask, prefix, label_smoothing, answer_tokens)
+    def forward(self, ids, targets, mask, prefix, label_smoothing, answer_tokens, row_weights=None):
+        return answer_loss(self.model, ids, targets, mask, prefix, label_smoothing, answer_tokens, row_weights)
 
 
 def rank_slice(batch: list[int], rank: int, world: int) -> tuple[list[int], float]:
@@ -214,6 +222,7 @@ class TrainingData:
     prefix: list[int]
     lengths: list[int]
     answer_counts: list[int]  # loss tokens of each tweet
+    labels: list[int]
 
     @classmethod
     def of(cls, fmt: PromptFormat, split: Split, share_prefix: bool) -> TrainingData:
@@ -221,7 +230,14 @@ class TrainingData:
         prefix = common_prefix(fmt, [ids for ids, _ in examples]) if share_prefix else []
         examples = [(ids[len(prefix) :], targets[len(prefix) :]) for ids, targets in examples]
         return cls(examples, prefix, [len(ids) for ids, _ in examples],
-                   [sum(t != IGNORE_INDEX for t in targets[1:]) for _, targets in examples])
+                   [sum(t != IGNORE_INDEX for t in targets[1:]) for _, targets in examples], list(split.labels))
+
+    def class_weights(self) -> list[float]:
+        """--class-weighted: each label's weight, inversely proportional to its share of the training tweets and
+        1 on average over them ("balanced", as scikit-learn calls it), so a rare label counts as much as a common
+        one in the loss, as it does in macro-F1."""
+        counts = np.bincount(self.labels, minlength=len(LABELS))
+        return [len(self.labels) / (len(LABELS) * n) if n else 0.0 for n in counts]
 
 
 @dataclass
@@ -246,8 +262,11 @@ class Session:
     validation: tuple[list[list[int]], list[int]] | None  # prompt ids and labels
     frozen: FrozenLayers | None = None  # the cached output of the layers below the adapters (--layers)
     half_weights: HalfWeights | None = None  # bf16 training on a CPU
+    class_weights: torch.Tensor | None = None  # --class-weighted: the loss weight of each label
     state: TrainState = field(default_factory=TrainState)
     log_file: object = None  # rank 0's train_log.jsonl, open while training
+    tensorboard: object = None  # rank 0's TensorBoard writer (--report-to tensorboard), open while training
+    on_validation: Callable[[int, dict], None] | None = None  # the caller's hook (tune: report, maybe prune)
     updating: bool = False  # True while the weights, optimizer and schedule are between two steps' states
     stopping_together: bool = False  # every rank agreed to stop after this step (Ctrl-C on any of them)
 
@@ -263,14 +282,20 @@ class Session:
 
 def train(model, fmt: PromptFormat, train_split: Split, val_split: Split | None, config: TrainConfig,
           out_dir: str | os.PathLike, *, notes: AdapterNotes = AdapterNotes(), resume: bool = False,
-          progress: bool = True, base_model_id: str | None = None, on_step: Callable[[int], None] | None = None) -> dict:
+          progress: bool = True, base_model_id: str | None = None, on_step: Callable[[int], None] | None = None,
+          on_validation: Callable[[int, dict], None] | None = None, report_to: str = "none") -> dict:
     """Fine-tune adapters on `train_split`; the best adapter (by validation macro-F1) ends in out_dir/adapter
     and in the model, with `notes` beside it. A model without adapters gets new ones of `config.adapter`'s shape.
     Returns a summary of what was done.
 
+    `on_step(step)` is called after every optimizer step, `on_validation(step, metrics)` after every validation
+    (an exception from either stops training; the best adapter so far is kept). `report_to="tensorboard"` writes
+    the lines of train_log.jsonl to out_dir/tensorboard as well.
+
     Inside a process group (see `distributed.process_group`) every rank calls this with the same arguments;
     rank 0 alone writes out_dir, and, with FSDP, the model stays sharded across the ranks afterwards."""
     session = setup(model, fmt, train_split, val_split, config, Path(out_dir), notes, base_model_id, progress)
+    session.on_validation = on_validation
     log_path = session.out_dir / LOG_FILE
     if resume:
         progress_saved, log_bytes = load_training_checkpoint(session.checkpoint, model, session.optimizer,
@@ -280,6 +305,9 @@ def train(model, fmt: PromptFormat, train_split: Split, val_split: Split | None,
             os.truncate(log_path, log_bytes)  # drop lines logged after the checkpoint: they are redone
     if distributed.is_main_process():
         session.log_file = log_path.open("a" if resume else "w")
+        if report_to == "tensorboard":  # a resumed run drops what an earlier one logged after its checkpoint
+            session.tensorboard = tensorboard_writer(session.out_dir / TENSORBOARD_DIR,
+                                                     session.state.step + 1 if resume else None)
     try:
         with checkpoint_on_interrupt(session.checkpoint, lambda: save(session), lambda: safe_to_save(session)), \
                 (session.half_weights.held() if session.half_weights else nullcontext()):
@@ -288,12 +316,28 @@ def train(model, fmt: PromptFormat, train_split: Split, val_split: Split | None,
     finally:
         if session.log_file is not None:
             session.log_file.close()
+        if session.tensorboard is not None:
+            session.tensorboard.close()
     model.eval()
     if session.validation is None:
         write_adapter(session)
     elif session.state.best_step != session.state.step:  # an earlier validation was better: bring it back
         load_trained_adapter(model, session.out_dir / ADAPTER_DIR)
     return summary(session, len(train_split))
+
+
+def tensorboard_writer(folder: Path, purge_step: int | None):
+    """TensorBoard's writer (torch's own, which needs the tensorboard package; else tensorboardX), as the Hugging
+    Face Trainer finds it. `purge_step`: events from that step on, left by a run stopped after its checkpoint, are
+    hidden."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise UserError("--report-to tensorboard: needs the tensorboard package; pip install tensorboard") from None
+    return SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
 
 class HalfWeights:
@@ -372,8 +416,9 @@ def setup(model, fmt: PromptFormat, train_split: Split, val_split: Split | None,
                                cache_root() / "frozen-layers", progress and distributed.is_main_process())
     bf16 = bf16_training_pays(device, next(model.parameters()).dtype) if config.bf16 is None else config.bf16
     half_weights = HalfWeights(model) if bf16 and device.type == "cpu" and not config.fsdp else None
+    class_weights = torch.tensor(data.class_weights(), device=device) if config.class_weighted else None
     return Session(model, fmt, config, notes, out_dir, base_model_id, device, bf16, params, loss_module, data,
-                   steps_per_epoch, total_steps, optimizer, scheduler, validation, frozen, half_weights)
+                   steps_per_epoch, total_steps, optimizer, scheduler, validation, frozen, half_weights, class_weights)
 
 
 def fit(session: Session, progress: bool, on_step: Callable[[int], None] | None) -> None:
@@ -452,20 +497,31 @@ def micro_batch_loss(session: Session, batch: list[int]) -> tuple[torch.Tensor, 
     """The loss to backpropagate for one (global) micro-batch, and the batch's mean answer-token loss."""
     data, device, config = session.data, session.device, session.config
     pad = session.fmt.tokenizer.pad_token_id
+
+    def row_weights(indices: list[int]) -> torch.Tensor | None:
+        if session.class_weights is None:
+            return None
+        return session.class_weights[torch.tensor([data.labels[i] for i in indices], device=device)]
+
     if not distributed.active():
         ids, targets, mask = right_pad([data.examples[i] for i in batch], pad, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=session.bf16):
             if session.frozen is not None:
-                loss = frozen_answer_loss(session.model, session.frozen, batch, targets, mask, config.label_smoothing)
+                loss = frozen_answer_loss(session.model, session.frozen, batch, targets, mask, config.label_smoothing,
+                                          row_weights(batch))
             else:
-                loss = answer_loss(session.model, ids, targets, mask, data.prefix, config.label_smoothing)
+                loss = answer_loss(session.model, ids, targets, mask, data.prefix, config.label_smoothing,
+                                   row_weights=row_weights(batch))
         return loss, loss.item()
     world = distributed.world_size()
     mine, weight = rank_slice(batch, distributed.rank(), world)
     ids, targets, mask = right_pad([data.examples[i] for i in mine], pad, device)
+    counts = [data.answer_counts[i] for i in batch]
+    everyone = row_weights(batch)  # the whole batch's weight divides every rank's share
+    total = sum(counts) if everyone is None else float((everyone * torch.tensor(counts, device=device)).sum())
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=session.bf16):
-        share = weight * session.loss_module(ids, targets, mask, data.prefix, config.label_smoothing,
-                                             sum(data.answer_counts[i] for i in batch))
+        share = weight * session.loss_module(ids, targets, mask, data.prefix, config.label_smoothing, total,
+                                             row_weights(mine))
     # The ranks' shares add up to the batch's mean loss; DDP and FSDP average gradients over the ranks, so
     # each share's gradient counts `world` times to make that average the gradient of the batch's mean.
     return share * world, distributed.sum_over_processes(share)
@@ -493,6 +549,12 @@ def log_line(session: Session, line: dict) -> None:
     if session.log_file is not None:
         session.log_file.write(json.dumps(line) + "\n")
         session.log_file.flush()
+    if session.tensorboard is not None:  # the tags the Hugging Face Trainer uses: train/loss, eval/macro_f1, ...
+        for key, value in line.items():
+            if key != "step":
+                tag = f"eval/{key.removeprefix('val_')}" if key.startswith("val_") else f"train/{key}"
+                session.tensorboard.add_scalar(tag, value, line["step"])
+        session.tensorboard.flush()
 
 
 def stop_if_not_finite(session: Session, value: float, what: str) -> None:
@@ -520,6 +582,8 @@ def validate_and_keep_best(session: Session) -> None:
     if metrics["macro_f1"] > state.best_val_macro_f1:
         state.best_val_macro_f1, state.best_step = metrics["macro_f1"], state.step
         write_adapter(session)
+    if session.on_validation is not None:  # after the best adapter is written: a hook that stops training keeps it
+        session.on_validation(state.step, metrics)
 
 
 def write_adapter(session: Session) -> None:
