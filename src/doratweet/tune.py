@@ -179,7 +179,8 @@ def _check_out(config: TuneConfig) -> None:
         raise UserError(f"--out {out}: the folder exists and is not empty; {hint}")
     if config.resume:
         recorded = json.loads((out / TUNE_FILE).read_text())
-        for key, value in (("study", config.study), ("storage", config.storage), ("holdout", config.holdout),
+        storage = None if config.storage is None else config.shown_storage  # as recorded: no password
+        for key, value in (("study", config.study), ("storage", storage), ("holdout", config.holdout),
                            ("eval_every_tweets", config.eval_every_tweets)):
             if recorded.get(key) != value:
                 flag = "--" + key.replace("_", "-")
@@ -279,7 +280,8 @@ def _open_study(config: TuneConfig, optuna):
                             "every trial of a study trains alike: use the same options")
     if not (config.out / TUNE_FILE).is_file():
         write_atomically(config.out / SPACE_FILE, config.space.text)
-        write_json(config.out / TUNE_FILE, {"study": config.study, "storage": config.storage,
+        write_json(config.out / TUNE_FILE, {"study": config.study,
+                                            "storage": None if config.storage is None else config.shown_storage,
                                             "holdout": config.holdout, "eval_every_tweets": config.eval_every_tweets,
                                             "pruner": config.pruner, "worker": config.worker, "settings": settings})
     return study
