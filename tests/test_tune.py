@@ -71,10 +71,11 @@ def test_a_space_reads_ranges_choices_and_fixed_values_as_the_options_types(tmp_
 
 
 def test_options_the_command_line_reads_from_text_are_written_as_that_text(tmp_path):
-    path = write_space(tmp_path, "targets: {choices: ['q_proj,v_proj', all-linear]}\ntrain_precision: bf16\n")
+    path = write_space(tmp_path, "targets: {choices: ['q_proj,v_proj', [o_proj, up_proj]]}\ntrain_precision: bf16\n")
     space = read_search_space(path, RunConfig(out=tmp_path, model="m"))
     run = space.apply({"targets": "q_proj,v_proj", "train_precision": "bf16"}, RunConfig(out=tmp_path, model="m"))
     assert run.train.adapter.targets == ("q_proj", "v_proj") and run.train.bf16 is True
+    assert space.dimensions[0].choices == ("q_proj,v_proj", "o_proj,up_proj")
 
 
 @pytest.mark.parametrize("text, message", [

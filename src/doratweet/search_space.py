@@ -260,6 +260,9 @@ def _typed(at: str, option: Option, value):
                     return number
     elif isinstance(value, str) and value.strip():
         return value
+    elif option.parse is not None and isinstance(value, list) and value and all(
+            isinstance(v, str) and v.strip() and "," not in v for v in value):
+        return ",".join(value)  # targets: [q_proj, v_proj] means --targets q_proj,v_proj
     wanted = {bool: "true or false", int: "a whole number", float: "a number", str: "a non-empty text"}[kind]
     raise UserError(f"{at}: {value!r} is not {wanted}")
 
