@@ -322,6 +322,7 @@ def _run_trials(study, config: TuneConfig, runner: TrialRunner) -> None:
             trial = study.ask()
             runner.run(study, trial)
             gc.collect()  # the trial's model, its bf16 copies and its cache maps go before the next model loads
+            write_leaderboard(study, config)  # after every trial: a study stopped for good still has its table
             bar.n = min(done(), config.trials)
             best = _best(study)
             if best is not None:
@@ -637,10 +638,15 @@ System prompt: {prompt!r}
 """
 
 
-def write_study_outputs(study, config: TuneConfig) -> dict:
+def write_leaderboard(study, config: TuneConfig) -> list[dict]:
     rows = leaderboard_rows(study)
     write_atomically(config.out / "leaderboard.md", leaderboard_markdown(study, rows, config.space.fixed))
     write_atomically(config.out / "leaderboard.csv", leaderboard_csv(rows))
+    return rows
+
+
+def write_study_outputs(study, config: TuneConfig) -> dict:
+    rows = write_leaderboard(study, config)
     plots = write_plots(study, config.out / PLOTS_DIR)
     best = write_best(study, config)
     summary = {"study": config.study, "storage": config.shown_storage, "trials": len(rows),
