@@ -41,8 +41,8 @@ def data_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def write_space(tmp_path, text=SPACE) -> Path:
-    path = tmp_path / "space.yaml"
+def write_space(tmp_path, text=SPACE, name="space.yaml") -> Path:
+    path = tmp_path / name
     path.write_text(text)
     return path
 
@@ -70,6 +70,14 @@ def test_a_space_reads_ranges_choices_and_fixed_values_as_the_options_types(tmp_
     assert run.system_prompt == values["system_prompt"] and run.train.class_weighted == values["class-weighted"]
 
 
+def test_options_the_command_line_reads_from_text_are_written_as_that_text(tmp_path):
+    path = write_space(tmp_path, "targets: {choices: ['q_proj,v_proj', [o_proj, up_proj]]}\ntrain_precision: bf16\n")
+    space = read_search_space(path, RunConfig(out=tmp_path, model="m"))
+    run = space.apply({"targets": "q_proj,v_proj", "train_precision": "bf16"}, RunConfig(out=tmp_path, model="m"))
+    assert run.train.adapter.targets == ("q_proj", "v_proj") and run.train.bf16 is True
+    assert space.dimensions[0].choices == ("q_proj,v_proj", "o_proj,up_proj")
+
+
 @pytest.mark.parametrize("text, message", [
     ("lr: [1, 2\n", "line 2: not valid YAML"),
     ("- lr\n", "must be a YAML mapping"),
@@ -87,6 +95,9 @@ def test_a_space_reads_ranges_choices_and_fixed_values_as_the_options_types(tmp_
     ("rslora: true\nuse_rslora: false\n", "use_rslora: the same option as rslora"),
     ("dropout: {choices: [0.1, high]}\n", "dropout: choice 2: 'high' is not a number"),
     ("system_prompt: {choices: ['']}\n", "system_prompt: choice 1: '' is not a non-empty text"),
+    ("rank: 2\nlr: 0.001\nrank: 4\n", "line 3: rank is given twice"),
+    ("rank: {low: 2, high: 3, step: 5}\n", "rank: step 5 is wider than the range 2 to 3"),
+    ("train_precision: {choices: [bf16, bf17]}\n", "train_precision: 'bf17': invalid choice"),
 ])
 def test_a_bad_space_is_one_line_naming_the_key(tmp_path, text, message):
     path = write_space(tmp_path, text)
@@ -206,3 +217,61 @@ def test_tune_mistakes_are_one_line(tiny_model_dir, data_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert flag in err and len(err.splitlines()) == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_resumed_study_draws_new_values_and_refuses_other_training_options(tiny_model_dir, data_dir, tmp_path):
+    out, space = tmp_path / "study", write_space(tmp_path, "lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    assert main(tune_args(tiny_model_dir, data_dir, space, out, "--trials", 2)) == 0
+    assert main(tune_args(tiny_model_dir, data_dir, space, out, "--trials", 4, "--resume")) == 0
+    lrs = [float(r["lr"]) for r in csv.DictReader((out / "leaderboard.csv").open())]
+    assert len(set(lrs)) == 4  # not the first two again
+    changed = tune_args(tiny_model_dir, data_dir, space, out, "--trials", 5, "--resume")
+    changed[changed.index("--epochs") + 1] = "1"
+    assert main(changed) == 2
+    assert main(tune_args(tiny_model_dir, data_dir, space, tmp_path / "x", "--lr", "0.001")) == 2  # space sets lr
+
+
+def test_refusals_before_any_trial_leave_no_folder_and_a_rerun_works(tiny_model_dir, data_dir, tmp_path, capsys):
+    space = write_space(tmp_path)
+    for more, message in ((["--storage", "notaurl"], "--storage notaurl"),
+                          (["--storage", "sqlite://"], "in-memory"),
+                          (["--study", ""], "--study ''")):
+        assert main(tune_args(tiny_model_dir, data_dir, space, tmp_path / "s", "--trials", 1, *more)) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "s").exists()
+    for text, message in (("targets: nosuch_proj\n", "targets: 'nosuch_proj'"), ("layers: 0-99\n", "layers: '0-99'")):
+        bad = write_space(tmp_path, text, "bad.yaml")
+        assert main(tune_args(tiny_model_dir, data_dir, bad, tmp_path / "s", "--trials", 1)) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "s").exists()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert main(tune_args(tiny_model_dir, data_dir, space, tmp_path / "dangling", "--trials", 1)) == 2
+    assert "is a link to nothing" in capsys.readouterr().err
+    assert main(tune_args(tiny_model_dir, data_dir, space, tmp_path / "s", "--trials", 1)) == 0
+
+
+def test_best_keeps_the_users_files_and_its_card_reads_as_yaml(tiny_model_dir, data_dir, tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "my study"
+    assert main(tune_args(tiny_model_dir, data_dir, write_space(tmp_path), out, "--trials", 1)) == 0
+    card = (out / "best" / "README.md").read_text()
+    assert yaml.safe_load(card.split("---\n")[1])["tags"][0] == "doratweet"
+    assert f"--adapter '{out / 'best'}'" in card and f"--data {data_dir}" in card
+    (out / "best" / "my_notes.txt").write_text("mine")
+    assert main(tune_args(tiny_model_dir, data_dir, write_space(tmp_path), out, "--trials", 1, "--resume")) == 2
+    assert "best/my_notes.txt is not something tune wrote" in capsys.readouterr().err
+    assert (out / "best" / "my_notes.txt").read_text() == "mine"
+
+
+def test_a_study_whose_every_trial_failed_exits_with_an_error(tiny_model_dir, data_dir, tmp_path, monkeypatch,
+                                                              capsys):
+    from doratweet import tune
+
+    def fails(self, trial, values, folder):
+        raise UserError("training stopped at step 3: the loss became nan")
+
+    monkeypatch.setattr(tune.TrialRunner, "train_and_score", fails)
+    out = tmp_path / "study"
+    assert main(tune_args(tiny_model_dir, data_dir, write_space(tmp_path), out, "--trials", 2)) == 2
+    assert "no trial finished: all 2 failed, the last with: training stopped" in capsys.readouterr().err
+    rows = list(csv.DictReader((out / "leaderboard.csv").open()))
+    assert [r["state"] for r in rows] == ["failed", "failed"] and "loss became nan" in rows[0]["error"]

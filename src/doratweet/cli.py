@@ -82,8 +82,8 @@ def add_training_options(p: argparse.ArgumentParser, verb: str) -> None:
     group.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system prompt (default: %(default)r)")
     group.add_argument("--report-to", choices=["none", "tensorboard"], default="none",
                        help="also write the training curves (loss, lr, validation) as TensorBoard events in "
-                       "OUT/tensorboard, as the Hugging Face Trainer does; needs `pip install tensorboard` "
-                       "(default: %(default)s)")
+                       "OUT/tensorboard (tune: in each trial's folder), as the Hugging Face Trainer does; needs "
+                       "`pip install tensorboard` (default: %(default)s)")
 
 
 def add_init_adapter_options(p: argparse.ArgumentParser) -> None:
@@ -383,11 +383,17 @@ def cmd_tune(args) -> int:
     from .search_space import read_search_space
     from .tune import TuneConfig, tune
 
-    train = with_options(TrainConfig(), given(args, AdapterConfig), given(args, TrainConfig))
+    adapter_options, train_options = given(args, AdapterConfig), given(args, TrainConfig)
+    train = with_options(TrainConfig(), adapter_options, train_options)
     base = RunConfig(out=args.out, model=args.model or EMBEDDED_NAME, rounds=(Round(None, train),),
                      data=data_config(args), system_prompt=args.system_prompt, train_limit=args.train_limit,
                      trust_remote_code=args.trust_remote_code, progress=not args.quiet, report_to=args.report_to)
     space = read_search_space(args.space, base)
+    given_too = sorted(space.fields() & ({*adapter_options, *train_options} |
+                                         ({"system_prompt"} if args.system_prompt != DEFAULT_SYSTEM_PROMPT else set())))
+    if given_too:
+        flag = "--" + ("rslora" if given_too[0] == "use_rslora" else given_too[0].replace("_", "-"))
+        raise UserError(f"{flag}: the search space {args.space} sets it too; drop one of them")
     tune(TuneConfig(out=Path(args.out), space=space, base=base, trials=args.trials, study=args.study,
                     storage=args.storage, holdout=args.holdout, eval_every_tweets=args.eval_every_tweets,
                     pruner=args.pruner, seed=args.sampler_seed, resume=args.resume, progress=not args.quiet))

@@ -12,10 +12,13 @@ here, with the option's own checks, so a bad file stops before any trial with on
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import typing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Callable
 
 from .adapters.config import AdapterConfig
 from .config import RunConfig, TrainConfig
@@ -28,11 +31,17 @@ SYSTEM_PROMPT = "system_prompt"
 
 @dataclass(frozen=True)
 class Option:
-    """An option a search space may set: where it lives (the adapter's shape, the training, or the run) and its type."""
+    """An option a search space may set: where it lives (the adapter's shape, the training, or the run) and its type.
+    An option the command line reads from text with a function of its own (--targets q_proj,v_proj, --train-precision
+    auto) is written as that text in the space, and read by the same function when a trial applies it."""
 
     field: str
     owner: str  # "adapter", "train" or "run"
     kind: type  # int, float, bool or str
+    parse: Callable[[str], object] | None = None
+
+    def value(self, written):
+        return self.parse(written) if self.parse is not None else written
 
 
 def searchable_options() -> dict[str, Option]:
@@ -44,7 +53,8 @@ def searchable_options() -> dict[str, Option]:
             if "help" not in f.metadata or f.name in _NOT_SEARCHED or f.name == "adapter":
                 continue
             kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
-            option = Option(f.name, owner, kind if kind in (int, float, bool) else str)
+            parse = f.metadata.get("parse")
+            option = Option(f.name, owner, str if parse or kind not in (int, float, bool) else kind, parse)
             found[f.name] = option
             found[f.metadata.get("flag", "--" + f.name).removeprefix("--").replace("-", "_")] = option
     found[SYSTEM_PROMPT] = Option(SYSTEM_PROMPT, "run", str)
@@ -78,6 +88,11 @@ class Dimension:
             return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
 
+    def canonical(self) -> dict:
+        """What this dimension means, as JSON: a study compares it, not the file's text (comments may change)."""
+        return {"key": self.key, "value": self.value, "choices": self.choices, "low": self.low, "high": self.high,
+                "log": self.log, "step": self.step}
+
     def describe(self) -> str:
         if self.fixed:
             return repr(self.value)
@@ -97,6 +112,17 @@ class SearchSpace:
         """A value for every key, fixed ones included, sampled by the trial."""
         return {d.key: d.suggest(trial) for d in self.dimensions}
 
+    @property
+    def fixed(self) -> dict:
+        return {d.key: d.value for d in self.dimensions if d.fixed}
+
+    def canonical(self) -> str:
+        return json.dumps([d.canonical() for d in self.dimensions], sort_keys=True)
+
+    def fields(self) -> set[str]:
+        """The config fields the space sets."""
+        return {d.option.field for d in self.dimensions}
+
     def apply(self, values: dict, run: RunConfig) -> RunConfig:
         """`run` with these values of the space's keys (its only round changed)."""
         return apply_values(self.dimensions, values, run)
@@ -105,7 +131,7 @@ class SearchSpace:
 def apply_values(dimensions, values: dict, run: RunConfig) -> RunConfig:
     by_owner = {"adapter": {}, "train": {}, "run": {}}
     for d in dimensions:
-        by_owner[d.option.owner][d.option.field] = values[d.key]
+        by_owner[d.option.owner][d.option.field] = d.option.value(values[d.key])
     train = run.train
     train = replace(train, adapter=replace(train.adapter, **by_owner["adapter"]), **by_owner["train"])
     return replace(run, rounds=(replace(run.rounds[0], train=train),), **by_owner["run"])
@@ -125,7 +151,9 @@ def read_search_space(path: str | Path, base: RunConfig) -> SearchSpace:
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{where}: cannot be read as UTF-8 text ({err.__class__.__name__})") from None
     try:
-        tree = yaml.safe_load(text)
+        tree = yaml.load(text, Loader=_unique_key_loader())
+    except _DuplicateKey as err:
+        raise UserError(f"{where}: line {err.line}: {err.key} is given twice; keep one") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark else ""
@@ -147,6 +175,30 @@ def read_search_space(path: str | Path, base: RunConfig) -> SearchSpace:
     space = SearchSpace(path, text, tuple(dimensions))
     _check_every_value(where, space, base)
     return space
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line: int):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+def _unique_key_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return Loader
 
 
 def _dimension(where: str, key: str, option: Option, spec) -> Dimension:
@@ -181,6 +233,8 @@ def _dimension(where: str, key: str, option: Option, spec) -> Dimension:
         raise UserError(f"{at}: a log-scaled range needs low above 0")
     if step is not None and (step <= 0 or log):
         raise UserError(f"{at}: step must be positive, and cannot go with log: true")
+    if step is not None and step > high - low:
+        raise UserError(f"{at}: step {step} is wider than the range {low} to {high}; give a smaller step")
     return Dimension(key, option, low=low, high=high, log=log, step=step)
 
 
@@ -206,16 +260,37 @@ def _typed(at: str, option: Option, value):
                     return number
     elif isinstance(value, str) and value.strip():
         return value
+    elif option.parse is not None and isinstance(value, list) and value and all(
+            isinstance(v, str) and v.strip() and "," not in v for v in value):
+        return ",".join(value)  # targets: [q_proj, v_proj] means --targets q_proj,v_proj
     wanted = {bool: "true or false", int: "a whole number", float: "a number", str: "a non-empty text"}[kind]
     raise UserError(f"{at}: {value!r} is not {wanted}")
+
+
+def _candidates(d: Dimension) -> tuple:
+    return d.choices or ((d.value,) if d.fixed else (d.low, d.high))
 
 
 def _check_every_value(where: str, space: SearchSpace, base: RunConfig) -> None:
     """Each value, and each end of each range, through the options' own checks (with the others at `base`'s)."""
     for d in space.dimensions:
-        candidates = d.choices or ((d.value,) if d.fixed else (d.low, d.high))
-        for value in candidates:
+        for value in _candidates(d):
             try:
                 apply_values([d], {d.key: value}, base)
-            except UserError as err:
+            except (UserError, ValueError, argparse.ArgumentTypeError) as err:
                 raise UserError(f"{where}: {d.key}: {value!r}: {err}") from None
+
+
+def check_against_model(space: SearchSpace, base: RunConfig, model) -> None:
+    """Every adapter shape the space allows against the base model: targets it has, layers it has, a rank its layers
+    take. Checked once before any trial, so that a bad value stops the study instead of failing every trial."""
+    from .adapters import check_adapter_fits
+
+    for d in space.dimensions:
+        if d.option.owner != "adapter":
+            continue
+        for value in _candidates(d):
+            try:
+                check_adapter_fits(model, apply_values([d], {d.key: value}, base).train.adapter)
+            except UserError as err:
+                raise UserError(f"--space {space.path}: {d.key}: {value!r}: {err}") from None

@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
 import time
@@ -40,8 +41,8 @@ from pathlib import Path
 from .config import RunConfig
 from .errors import UserError
 from .files import write_atomically
-from .run_folder import ADAPTER_DIR, CHECKPOINT_DIR, SUMMARY_FILE, write_json
-from .search_space import SYSTEM_PROMPT, SearchSpace
+from .run_folder import ADAPTER_DIR, CHECKPOINT_DIR, SUMMARY_FILE, is_json_object, is_own_card, write_json
+from .search_space import SYSTEM_PROMPT, SearchSpace, check_against_model
 
 log = logging.getLogger("doratweet")
 
@@ -78,10 +79,38 @@ class TuneConfig:
             raise UserError("--trials, --holdout and --eval-every-tweets must be 1 or more")
         if self.pruner not in ("median", "hyperband", "none"):
             raise UserError(f"--pruner {self.pruner}: choose median, hyperband or none")
+        if not self.study or len(self.study) > 128 or not self.study.isprintable():
+            raise UserError(f"--study {self.study!r}: give a name of 1 to 128 printable characters")
+        if self.storage is not None and self.storage.startswith("sqlite:") and (
+                self.storage.rstrip("/") in ("sqlite:", "sqlite:") or ":memory:" in self.storage):
+            raise UserError(f"--storage {self.storage}: an in-memory database is lost when tune stops, and a study "
+                            "must outlive it; give a file (sqlite:///path/study.db) or leave --storage out")
 
     @property
     def storage_url(self) -> str:
+        """The database; the default is the SQLite file in --out, found again wherever the folder is moved."""
         return self.storage or f"sqlite:///{(self.out / STUDY_FILE).resolve()}"
+
+    @property
+    def shown_storage(self) -> str:
+        """--storage for messages and files: a password in the URL is hidden."""
+        if self.storage is None:
+            return f"{STUDY_FILE} in --out"
+        try:
+            from sqlalchemy.engine import make_url
+
+            return make_url(self.storage).render_as_string(hide_password=True)
+        except Exception:  # not a URL SQLAlchemy reads: said so when the study is opened
+            return self.storage.split("@")[-1] if "@" in self.storage else self.storage
+
+    def settings(self) -> dict:
+        """The training settings every trial shares (all but what the space sets, and what tune sets itself): a study
+        records them, and a resumed study or another worker must use the same."""
+        searched = self.space.fields()
+        train = {k: v for k, v in json.loads(json.dumps(self.base.train.flat())).items()
+                 if k not in searched and k not in ("eval_every", "save_every", "log_every")}
+        run = {"system_prompt": self.base.system_prompt, "train_limit": self.base.train_limit}
+        return {**train, **{k: v for k, v in run.items() if k not in searched}}
 
     @property
     def worker(self) -> str:
@@ -97,7 +126,7 @@ def tune(config: TuneConfig) -> dict:
 
     from .data import load_data
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # what matters is said in doratweet's own lines
     _check_out(config)
     splits = load_data(config.base.data.spec, **config.base.data.load_options())
     for name in ("train", "validation"):
@@ -110,33 +139,74 @@ def tune(config: TuneConfig) -> dict:
                         "fewer")
     holdout, trial_train = train_split.head(config.holdout), train_split.skip(config.holdout).head(
         config.base.train_limit)
+    _check_space_against_the_model(config)
+    created = not config.out.exists()
     config.out.mkdir(parents=True, exist_ok=True)
+    try:
+        with _worker_lock(config.out):
+            study = _open_study(config, optuna)
+    except BaseException:
+        if created:  # refused before the study was recorded here: leave no folder that a rerun would refuse
+            shutil.rmtree(config.out, ignore_errors=True)
+        raise
     with _worker_lock(config.out):
-        study = _open_study(config, optuna)
         _continue_interrupted(study, config)
         runner = TrialRunner(config, trial_train, splits["validation"], holdout)
-        _run_trials(study, config, runner, optuna)
-        return write_study_outputs(study, config)
+        _run_trials(study, config, runner)
+        summary = write_study_outputs(study, config)
+    _refuse_a_study_of_failures(study)
+    return summary
+
+
+def _check_space_against_the_model(config: TuneConfig) -> None:
+    from .models import load_base_model
+
+    base = load_base_model(config.base.model, trust_remote_code=config.base.trust_remote_code)
+    check_against_model(config.space, config.base, base.model)
 
 
 def _check_out(config: TuneConfig) -> None:
     out = config.out
+    if out.is_symlink() and not out.exists():
+        raise UserError(f"--out {out}: is a link to nothing; remove it or choose another folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; choose a folder")
     ours = (out / TUNE_FILE).is_file()
     if config.resume and not ours:
         raise UserError(f"--resume: {out} holds no study ({TUNE_FILE} is missing); start one without --resume")
-    if not config.resume and out.exists() and any(out.iterdir()):
+    if not config.resume and out.exists() and any(e.name != _LOCK for e in out.iterdir()):
         hint = "pass --resume to go on with its study" if ours else "choose another folder"
         raise UserError(f"--out {out}: the folder exists and is not empty; {hint}")
     if config.resume:
         recorded = json.loads((out / TUNE_FILE).read_text())
-        for key, value in (("study", config.study), ("storage", config.storage_url), ("holdout", config.holdout),
+        storage = None if config.storage is None else config.shown_storage  # as recorded: no password
+        for key, value in (("study", config.study), ("storage", storage), ("holdout", config.holdout),
                            ("eval_every_tweets", config.eval_every_tweets)):
             if recorded.get(key) != value:
                 flag = "--" + key.replace("_", "-")
-                raise UserError(f"--resume: {flag} {value} differs from the study's ({recorded.get(key)}); use the "
+                shown = config.shown_storage if key == "storage" else value
+                raise UserError(f"--resume: {flag} {shown} differs from the study's ({recorded.get(key)}); use the "
                                 "same, or start a new study in another --out")
+        if config.storage is None and not (out / STUDY_FILE).is_file():
+            raise UserError(f"--resume: {out / STUDY_FILE} is missing, and with it the study's trials; restore it, "
+                            "or start a new study in another --out")
+    _check_best_folder(out / BEST_DIR)
+
+
+def _check_best_folder(folder: Path) -> None:
+    """best/ is replaced at the end of every study run: anything in it that tune did not write is refused now."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    own = {ADAPTER_DIR: lambda p: p.is_dir() and not p.is_symlink() and all(
+               e.name in ("adapter_config.json", "adapter_model.safetensors") for e in p.iterdir()),
+           "README.md": lambda p: p.is_file() and is_own_card(p),
+           TRIAL_FILE: lambda p: p.is_file() and is_json_object(p, "trial", "value")}
+    entries = list(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else [folder]
+    for entry in entries:
+        if entry == folder or entry.name not in own or not own[entry.name](entry):
+            shown = entry.relative_to(folder.parent)
+            raise UserError(f"--out: {shown} is not something tune wrote, and best/ is replaced when the study ends; "
+                            f"move {shown} out of --out")
 
 
 class _worker_lock:
@@ -161,46 +231,59 @@ class _worker_lock:
 
 def _open_study(config: TuneConfig, optuna):
     """Create or load the study; refuse one whose search space differs from this space."""
-    sampler_seed = int(hashlib.sha256(f"{config.seed}:{config.worker}".encode()).hexdigest()[:8], 16)
-    sampler = optuna.samplers.TPESampler(seed=sampler_seed)
     pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0),
               "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3),
               "none": optuna.pruners.NopPruner}[config.pruner]()
     for attempt in range(5):
         try:
             study = optuna.create_study(storage=config.storage_url, study_name=config.study, direction="maximize",
-                                        sampler=sampler, pruner=pruner, load_if_exists=True)
+                                        pruner=pruner, load_if_exists=True)
             break
         except (ImportError, ModuleNotFoundError) as err:
-            raise UserError(f"--storage {config.storage_url}: needs a database driver Optuna can use ({err})") from None
+            raise UserError(f"--storage {config.shown_storage}: needs a database driver Optuna can use "
+                            f"({type(err).__name__})") from None
         except Exception as err:  # SQLAlchemy's errors: a bad URL, an unreachable server, or a race
             if not err.__class__.__module__.startswith(("sqlalchemy", "optuna")):
                 raise
             if type(err).__name__ in ("OperationalError", "IntegrityError", "DuplicatedStudyError") and attempt < 4:
                 time.sleep(0.5 * (attempt + 1))  # workers starting together both create the tables: try again
                 continue
-            raise UserError(f"--storage {config.storage_url}: cannot open the study ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0]})") from None
+            raise UserError(f"--storage {config.shown_storage}: cannot open the study ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0].replace(config.storage or '', config.shown_storage)})") from None
     else:
-        raise UserError(f"--storage {config.storage_url}: could not open the study after 5 tries (other workers "
+        raise UserError(f"--storage {config.shown_storage}: could not open the study after 5 tries (other workers "
                         "kept it locked); start this worker again")
+    # Seeded by the worker and by how far the study is: a resumed or second worker draws new values, not the
+    # first worker's first ones again.
+    study.sampler = optuna.samplers.TPESampler(seed=int(hashlib.sha256(
+        f"{config.seed}:{config.worker}:{len(study.trials)}".encode()).hexdigest()[:8], 16))
     recorded = study.user_attrs.get("space")
+    settings = config.settings()
     if recorded is None:
-        study.set_user_attr("space", config.space.text)
+        study.set_user_attr("space", config.space.canonical())
         study.set_user_attr("holdout", config.holdout)
         study.set_user_attr("eval_every_tweets", config.eval_every_tweets)
-    elif recorded != config.space.text:
+        study.set_user_attr("settings", settings)
+    elif recorded != config.space.canonical():
         raise UserError(f"--space {config.space.path}: differs from the search space study {config.study!r} was "
-                        "started with; use that file, or name a new study with --study")
+                        "started with; use that space, or start a new study (another --out, or --study NAME)")
     elif (study.user_attrs.get("holdout"), study.user_attrs.get("eval_every_tweets")) != (
             config.holdout, config.eval_every_tweets):
         raise UserError(f"--holdout/--eval-every-tweets: study {config.study!r} uses {study.user_attrs['holdout']} "
                         f"and {study.user_attrs['eval_every_tweets']}; every worker must score trials alike")
+    else:
+        theirs = study.user_attrs.get("settings", {})
+        differ = sorted(k for k in set(theirs) | set(settings) if theirs.get(k) != settings.get(k))
+        if differ:
+            shown = ", ".join(f"{k} {settings.get(k)!r} (the study's: {theirs.get(k)!r})" for k in differ[:3])
+            raise UserError(f"training options differ from those study {config.study!r} was started with: {shown}; "
+                            "every trial of a study trains alike: use the same options")
     if not (config.out / TUNE_FILE).is_file():
         write_atomically(config.out / SPACE_FILE, config.space.text)
-        write_json(config.out / TUNE_FILE, {"study": config.study, "storage": config.storage_url,
+        write_json(config.out / TUNE_FILE, {"study": config.study,
+                                            "storage": None if config.storage is None else config.shown_storage,
                                             "holdout": config.holdout, "eval_every_tweets": config.eval_every_tweets,
-                                            "pruner": config.pruner, "worker": config.worker})
+                                            "pruner": config.pruner, "worker": config.worker, "settings": settings})
     return study
 
 
@@ -226,7 +309,7 @@ def counted(trial) -> bool:
     return not trial.user_attrs.get(_INTERRUPTED) and trial.state != TrialState.WAITING
 
 
-def _run_trials(study, config: TuneConfig, runner: TrialRunner, optuna) -> None:
+def _run_trials(study, config: TuneConfig, runner: TrialRunner) -> None:
     from tqdm.auto import tqdm
 
     def done() -> int:
@@ -239,6 +322,7 @@ def _run_trials(study, config: TuneConfig, runner: TrialRunner, optuna) -> None:
             trial = study.ask()
             runner.run(study, trial)
             gc.collect()  # the trial's model, its bf16 copies and its cache maps go before the next model loads
+            write_leaderboard(study, config)  # after every trial: a study stopped for good still has its table
             bar.n = min(done(), config.trials)
             best = _best(study)
             if best is not None:
@@ -260,7 +344,12 @@ class TrialRunner:
         from optuna.trial import TrialState
 
         config = self.config
-        folder = Path(trial.user_attrs.get(_FOLDER) or config.out / TRIALS_DIR / f"{trial.number:04d}")
+        continued = trial.user_attrs.get(_FOLDER)
+        folder = Path(continued or config.out / TRIALS_DIR / f"{trial.number:04d}")
+        if not continued and folder.exists() and any(folder.iterdir()):
+            study.tell(trial, state=TrialState.FAIL)
+            raise UserError(f"{folder}: already holds a trial that study {config.study!r} does not know (was the "
+                            "database replaced?); start the study in another --out")
         trial.set_user_attr(_FOLDER, str(folder))
         trial.set_user_attr(_WORKER, config.worker)
         values = config.space.suggest(trial)
@@ -338,6 +427,17 @@ class TrialRunner:
         return summary["best_val_macro_f1"], holdout["macro_f1"]
 
 
+def _refuse_a_study_of_failures(study) -> None:
+    """A study whose every trial failed (bad settings, a NaN loss at every lr) exits with an error, not 0."""
+    from optuna.trial import TrialState
+
+    trials = [t for t in study.get_trials(deepcopy=False) if counted(t)]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    if trials and len(failed) == len(trials):
+        raise UserError(f"no trial finished: all {len(failed)} failed, the last with: "
+                        f"{failed[-1].user_attrs.get(_ERROR, 'an error')}; see the leaderboard")
+
+
 def _best(study):
     from optuna.trial import TrialState
 
@@ -353,17 +453,21 @@ def leaderboard_rows(study) -> list[dict]:
 
     order = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.FAIL: 2, TrialState.RUNNING: 3,
              TrialState.WAITING: 4}
+    names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
+             TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
     rows = []
     for t in study.get_trials(deepcopy=False):
-        state = "interrupted" if t.user_attrs.get(_INTERRUPTED) else t.state.name.lower()
+        interrupted = t.user_attrs.get(_INTERRUPTED)
+        state = "interrupted" if interrupted else names.get(t.state, t.state.name.lower())
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and \
-            t.datetime_start else None
+            t.datetime_start and not interrupted else None  # an interrupted one "ends" when the study resumes
         rows.append({"trial": t.number, "state": state, "value": t.value,
                      "val_macro_f1": t.user_attrs.get(_VAL), "holdout_macro_f1": t.user_attrs.get(_HOLDOUT),
                      "last_val_macro_f1": t.intermediate_values[max(t.intermediate_values)]
                      if t.intermediate_values else None,
                      "minutes": round(seconds / 60, 1) if seconds is not None else None,
-                     **{k: v for k, v in t.params.items()}, "folder": t.user_attrs.get(_FOLDER),
+                     **{k: v for k, v in t.params.items()}, "error": t.user_attrs.get(_ERROR),
+                     "folder": t.user_attrs.get(_FOLDER),
                      "_order": (order.get(t.state, 5) + (2 if t.user_attrs.get(_INTERRUPTED) else 0),
                                 -(t.value or 0), t.number)})
     rows.sort(key=lambda r: r.pop("_order"))
@@ -380,14 +484,18 @@ def _cell(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def leaderboard_markdown(study, rows: list[dict]) -> str:
-    columns = list(dict.fromkeys(k for row in rows for k in row if k != "folder"))
+def leaderboard_markdown(study, rows: list[dict], fixed: dict) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row if k != "folder" and (
+        k != "error" or any(r.get("error") for r in rows))))
     states = {}
     for row in rows:
         states[row["state"]] = states.get(row["state"], 0) + 1
-    head = (f"# Study {study.study_name}: {len(rows)} trials (" + ", ".join(f"{n} {s}" for s, n in states.items())
-            + ")\n\nvalue = mean of the kept adapter's validation macro-F1 and held-out macro-F1 (the first "
+    head = (f"# Study {_cell(study.study_name)}: {len(rows)} trials (" +
+            ", ".join(f"{n} {s}" for s, n in states.items()) +
+            ")\n\nvalue = mean of the kept adapter's validation macro-F1 and held-out macro-F1 (the first "
             f"{study.user_attrs.get('holdout')} train tweets, never trained on).\n\n")
+    if fixed:
+        head += "Fixed by the space: " + ", ".join(f"{k} = {_cell(v)}" for k, v in fixed.items()) + ".\n\n"
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
     return head + "\n".join(lines) + "\n"
@@ -410,7 +518,6 @@ def write_plots(study, folder: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import optuna
     import optuna.visualization.matplotlib as plots
     from optuna.trial import TrialState
 
@@ -425,8 +532,8 @@ def write_plots(study, folder: Path) -> list[str]:
         drawings.append(("intermediate_values.png", lambda: plots.plot_intermediate_values(study)))
     for name, draw in drawings:
         try:
-            with warnings.catch_warnings():  # Optuna calls its matplotlib plots "experimental"
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            with warnings.catch_warnings():  # "experimental" plots, empty legends: nothing for the user to act on
+                warnings.simplefilter("ignore")
                 axes = draw()
         except (ValueError, RuntimeError) as err:  # e.g. every trial with the same values: nothing to rank
             log.info("plot %s skipped: %s", name, err)
@@ -458,19 +565,23 @@ def write_best(study, config: TuneConfig) -> dict | None:
         return None
     source = Path(best.user_attrs.get(_FOLDER, "")) / ADAPTER_DIR
     target = config.out / BEST_DIR
-    info = {"trial": best.number, "value": best.value, "params": best.params, _VAL: best.user_attrs.get(_VAL),
-            _HOLDOUT: best.user_attrs.get(_HOLDOUT), "folder": best.user_attrs.get(_FOLDER)}
-    if not source.is_dir():
+    info = {"trial": best.number, "value": best.value, "params": best.params, "fixed": config.space.fixed,
+            _VAL: best.user_attrs.get(_VAL), _HOLDOUT: best.user_attrs.get(_HOLDOUT),
+            "folder": best.user_attrs.get(_FOLDER)}
+    _check_best_folder(target)  # as at the start: nothing of the user's went in there since
+    staging, trash = config.out / f".{BEST_DIR}.tmp", config.out / f".{BEST_DIR}.trash"
+    for leftover in (staging, trash):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if target.exists():  # moved aside in one rename, so best/ is always whole: the old one or the new one
+        os.replace(target, trash)
+    if source.is_dir():
+        shutil.copytree(source, staging / ADAPTER_DIR)
+        write_atomically(staging / "README.md", best_card(study, best, config))
+        write_json(staging / TRIAL_FILE, info)
+        os.replace(staging, target)
+    else:  # a stale best/ of this worker's would pass for the study's best
         log.info("the best trial (%d) ran on another worker: its adapter is in %s there", best.number, info["folder"])
-        return info
-    staging = config.out / f".{BEST_DIR}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging / ADAPTER_DIR)
-    (staging / "README.md").write_text(best_card(study, best, config), encoding="utf-8")
-    write_json(staging / TRIAL_FILE, info)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
+    shutil.rmtree(trash, ignore_errors=True)
     return info
 
 
@@ -478,22 +589,30 @@ def best_card(study, best, config: TuneConfig) -> str:
     """A short Hugging Face style card for the best trial's adapter."""
     from .adapters import read_adapter_record
 
+    import yaml
+
+    from .data import resolve_data_spec
+
     record = read_adapter_record(Path(best.user_attrs[_FOLDER]) / ADAPTER_DIR)
     base = record.base_model_id or record.notes.model_spec or "the base model"
-    searched = {k: v for k, v in best.params.items() if k != SYSTEM_PROMPT}
-    rows = "\n".join(f"| {k} | {_cell(v)} |" for k, v in searched.items())
-    prompt = best.params.get(SYSTEM_PROMPT, record.notes.system_prompt)
+    values = {**config.space.fixed, **best.params}
+    rows = "\n".join(f"| {k} | {_cell(v)} |" for k, v in values.items() if k != SYSTEM_PROMPT)
+    prompt = values.get(SYSTEM_PROMPT, record.notes.system_prompt)
+    data = resolve_data_spec(config.base.data.spec)
+    tweeteval = data == "tweet_eval" or (Path(data) / "mapping.txt").is_file()
+    front = {"library_name": "peft", "base_model": base,
+             "tags": ["doratweet", "dora" if record.config.method == "dora" else "lora", "peft",
+                      "sentiment-analysis", "optuna"], **({"datasets": ["tweet_eval"]} if tweeteval else {})}
+    adapter = shlex.quote(str(config.out / BEST_DIR))
+    data_option = f" --data {shlex.quote(config.base.data.spec)}" if config.base.data.spec else ""
     return f"""---
-library_name: peft
-base_model: {base}
-tags: [doratweet, dora, peft, sentiment-analysis, optuna]
-datasets: [tweet_eval]
+{yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip()}
 ---
 
-# Best trial of study `{study.study_name}`: trial {best.number}
+# Best trial of study {_cell(study.study_name)}: trial {best.number}
 
-A {"DoRA" if record.config.method == "dora" else "LoRA"} adapter for {base}, labelling tweets negative / neutral / positive, chosen by
-`doratweet tune` among {len(study.trials)} trials.
+A {"DoRA" if record.config.method == "dora" else "LoRA"} adapter for {_cell(base)}, labelling tweets negative /
+neutral / positive, chosen by `doratweet tune` among {len(study.trials)} trials.
 
 | selection figure | macro-F1 |
 | --- | --- |
@@ -503,9 +622,9 @@ A {"DoRA" if record.config.method == "dora" else "LoRA"} adapter for {base}, lab
 
 The test split was not read. Measure it once, for the configuration you report:
 
-    doratweet evaluate --adapter {config.out / BEST_DIR} --split test
+    doratweet evaluate --adapter {adapter}{data_option} --split test
 
-## Searched values
+## Values
 
 | option | value |
 | --- | --- |
@@ -515,17 +634,22 @@ System prompt: {prompt!r}
 
 ## Use
 
-    doratweet predict --adapter {config.out / BEST_DIR} "what a great day"
+    doratweet predict --adapter {adapter} "what a great day"
 """
 
 
-def write_study_outputs(study, config: TuneConfig) -> dict:
+def write_leaderboard(study, config: TuneConfig) -> list[dict]:
     rows = leaderboard_rows(study)
-    write_atomically(config.out / "leaderboard.md", leaderboard_markdown(study, rows))
+    write_atomically(config.out / "leaderboard.md", leaderboard_markdown(study, rows, config.space.fixed))
     write_atomically(config.out / "leaderboard.csv", leaderboard_csv(rows))
+    return rows
+
+
+def write_study_outputs(study, config: TuneConfig) -> dict:
+    rows = write_leaderboard(study, config)
     plots = write_plots(study, config.out / PLOTS_DIR)
     best = write_best(study, config)
-    summary = {"study": config.study, "storage": config.storage_url, "trials": len(rows),
+    summary = {"study": config.study, "storage": config.shown_storage, "trials": len(rows),
                "states": {s: sum(r["state"] == s for r in rows) for s in dict.fromkeys(r["state"] for r in rows)},
                "best": best, "plots": plots}
     recorded = json.loads((config.out / TUNE_FILE).read_text())
