@@ -112,12 +112,13 @@ def agree_within(ours, theirs, tolerance: float) -> None:
     assert (ours.argmax(1) == theirs.argmax(1))[clear].all()
 
 
-@pytest.mark.parametrize("quant", ["f32", "f16"])  # q8_0: llama-cpp-python 0.3.36 crashes on it here, see serving.md
-def test_llama_cpp_scores_the_answers_of_the_export_as_doratweet_does(tiny_gguf_adapter, tmp_path, quant):
+@pytest.mark.parametrize("quant, tolerance", [("f32", 0.05), ("f16", 0.05), ("q8_0", 0.5)])
+def test_llama_cpp_scores_the_answers_of_the_export_as_doratweet_does(tiny_gguf_adapter, tmp_path, quant, tolerance):
     """llama.cpp itself (llama-cpp-python) on the exported file against doratweet's score_labels on the merged
     fp32 model: the three answers' log-likelihoods after 40 prompts. Measured (Intel Xeon with AMX): at most 0.006
-    apart in f32 and 0.010 in f16 (llama.cpp keeps its attention keys and values in f16), on log-likelihoods of
-    size ~30; bounded at 0.05."""
+    apart in f32, 0.012 in f16 (llama.cpp keeps its attention keys and values in f16) and 0.25 in q8_0 (llama.cpp
+    also rounds the activations to 8 bits for q8_0 weights), on log-likelihoods of size ~30, labels all equal;
+    bounded at 0.05, 0.05 and 0.5."""
     pytest.importorskip("llama_cpp")
     from helpers import TWEETS
 
@@ -131,14 +132,14 @@ def test_llama_cpp_scores_the_answers_of_the_export_as_doratweet_does(tiny_gguf_
     prompts = fmt.prompt_ids([t for t, _ in TWEETS] * 2)[:40]
     ours = score_labels(model, fmt, prompts)
     theirs = llama_cpp_label_scores(out, fmt, prompts, threads=2)
-    agree_within(ours, theirs, 0.05)
+    agree_within(ours, theirs, tolerance)
 
 
 REAL_TWEETEVAL = Path(__file__).resolve().parents[2] / "shared/data/tweeteval/sentiment"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["f16"])  # q8_0: llama-cpp-python 0.3.36 crashes on it here, see serving.md
+@pytest.mark.parametrize("quant", ["f16"])  # q8_0: measured in benchmarks/cpu_engines.py (2,000 tweets)
 def test_llama_cpp_labels_test_tweets_as_doratweet_does_with_the_shipped_adapter(tmp_path, quant):
     """The embedded SmolLM2 with the shipped (trained) adapter, exported, in llama.cpp against doratweet's scores on
     the merged fp32 model, first 300 test tweets. Measured (Intel Xeon with AMX, f16): log-likelihoods at most 0.011

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import contextmanager
 import tempfile
 from pathlib import Path
 
@@ -175,17 +176,42 @@ def _rotary_layout(weight: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+@contextmanager
+def weight_repacking(enabled: bool):
+    """Whether llama.cpp (llama-cpp-python) may repack quantised weights for the CPU's matrix units as it loads a
+    model (its "extra buffer types"). On the Intel Xeon with AMX here, llama-cpp-python 0.3.36 crashes in
+    llama_decode (a segfault) on every q8_0 file with repacking on, ours and one llama.cpp quantised itself alike;
+    with it off, the same files score as they should. llama-cpp-python's `Llama` has no argument for it, so its
+    model parameters' defaults are changed while it loads."""
+    import llama_cpp.llama_cpp as library
+
+    defaults = library.llama_model_default_params
+
+    def params():
+        chosen = defaults()
+        chosen.use_extra_bufts = enabled
+        return chosen
+
+    library.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        library.llama_model_default_params = defaults
+
+
 def llama_cpp_label_scores(gguf_file: Path, fmt, prompts: list[list[int]], threads: int | None = None,
-                           progress: bool = False) -> np.ndarray:
+                           progress: bool = False, repack: bool = False) -> np.ndarray:
     """What llama.cpp (llama-cpp-python) makes of an exported file: each label's whole answer's log-likelihood
     after each prompt, [n, 3], as `evaluate.score_labels` gives doratweet's. The prompts' shared prefix is evaluated
-    once, each prompt's rest once, and each answer after it (llama.cpp's context rewound to the prompt's end)."""
+    once, each prompt's rest once, and each answer after it (llama.cpp's context rewound to the prompt's end).
+    `repack`: let llama.cpp repack quantised weights (see `weight_repacking`: off, since it crashes on q8_0 here)."""
     from llama_cpp import Llama
 
     from .evaluate import common_prefix
 
-    llm = Llama(model_path=str(gguf_file), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
-                n_threads=threads or torch.get_num_threads())
+    with weight_repacking(repack):
+        llm = Llama(model_path=str(gguf_file), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
+                    n_threads=threads or torch.get_num_threads())
     prefix = common_prefix(fmt, prompts)
     llm.eval(prefix)
     scores = np.zeros((len(prompts), len(fmt.answer_ids)))
@@ -209,6 +235,26 @@ def modelfile(gguf_name: str, system_prompt: str) -> str:
             "PARAMETER temperature 0\n"
             "PARAMETER num_predict 4\n"
             "PARAMETER stop <|im_end|>\n")
+
+
+def _repacking_note(quant: str) -> str:
+    if quant != "q8_0":
+        return ""
+    return """On an Intel CPU with AMX, llama.cpp builds of late 2026 (llama-cpp-python 0.3.36) can crash on q8_0 files
+when they repack the weights for the CPU's matrix units, this file and llama.cpp's own q8_0 files alike. If it does,
+turn repacking off: `--no-repack` in llama.cpp's tools, or in llama-cpp-python:
+
+```python
+import llama_cpp.llama_cpp as library
+defaults = library.llama_model_default_params
+def no_repacking():
+    params = defaults()
+    params.use_extra_bufts = False
+    return params
+library.llama_model_default_params = no_repacking   # before Llama(...) loads the file
+```
+
+"""
 
 
 def readme(gguf_name: str, quant: str, system_prompt: str, adapter_dir: Path) -> str:
@@ -238,7 +284,7 @@ reply = llm.create_chat_completion(messages=[
 print(reply["choices"][0]["message"]["content"])
 ```
 
-## Ollama
+{_repacking_note(quant)}## Ollama
 
 The `Modelfile` beside this file holds the prompt and the settings:
 
