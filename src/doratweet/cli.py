@@ -221,7 +221,7 @@ def add_tune_verb(verbs) -> None:
     tu.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",
                     help="stop unpromising trials early on validation macro-F1 (default: %(default)s)")
     tu.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler, mixed with the worker's "
-                    "host and --out (default: %(default)s)")
+                    "identity and the study's progress (default: %(default)s)")
     tu.add_argument("--train-limit", type=positive_int, default=None, help="train each trial on the first N tweets "
                     "after the held-out ones (default: all)")
     tu.add_argument("--resume", action="store_true", help="go on with the study in --out (default: off)")

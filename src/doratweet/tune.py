@@ -34,8 +34,10 @@ import shlex
 import shutil
 import socket
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from .config import RunConfig
@@ -112,11 +114,15 @@ class TuneConfig:
         run = {"system_prompt": self.base.system_prompt, "train_limit": self.base.train_limit}
         return {**train, **{k: v for k, v in run.items() if k not in searched}}
 
-    @property
+    @cached_property
     def worker(self) -> str:
         """Who runs trials from this --out: a trial marked with it and still running when this worker starts again
-        was interrupted."""
-        return f"{socket.gethostname()}:{self.out.resolve()}"
+        was interrupted. Made once, when the folder's study starts, and kept in tune.json: the same after a restart
+        on a machine with another host name or a moved folder, never that of another worker with the same path."""
+        recorded = self.out / TUNE_FILE
+        if recorded.is_file():
+            return json.loads(recorded.read_text())["worker"]
+        return f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
 
 
 def tune(config: TuneConfig) -> dict:
