@@ -148,14 +148,13 @@ def tune(config: TuneConfig) -> dict:
     _check_space_against_the_model(config)
     created = not config.out.exists()
     config.out.mkdir(parents=True, exist_ok=True)
-    try:
-        with _worker_lock(config.out):
+    with _worker_lock(config.out):  # held from the study's opening to the end: no other worker slips in between
+        try:
             study = _open_study(config, optuna)
-    except BaseException:
-        if created:  # refused before the study was recorded here: leave no folder that a rerun would refuse
-            shutil.rmtree(config.out, ignore_errors=True)
-        raise
-    with _worker_lock(config.out):
+        except BaseException:
+            if created:  # refused before the study was recorded here: leave no folder that a rerun would refuse
+                shutil.rmtree(config.out, ignore_errors=True)
+            raise
         _continue_interrupted(study, config)
         runner = TrialRunner(config, trial_train, splits["validation"], holdout)
         _run_trials(study, config, runner)
