@@ -288,7 +288,9 @@ def test_class_weighted_loss_is_the_label_weighted_mean_and_balanced_weights_ave
     losses = torch.stack([torch.nn.functional.cross_entropy(logits[b, t], torch.tensor(y)) for b, t, y in per_token])
     token_weights = torch.tensor([weights[b] for b, _, _ in per_token])
     expected = (losses * token_weights).sum() / token_weights.sum()
-    assert torch.allclose(answer_token_loss(head, hidden, targets, 0.0, row_weights=weights), expected, rtol=1e-6)
+    # The reference projects every position, the loss only the answer ones: other matmul shapes, which may take other
+    # kernels (AMX, AVX-512) and round differently in the last bits; 1e-5 is far below any weighting mistake.
+    assert torch.allclose(answer_token_loss(head, hidden, targets, 0.0, row_weights=weights), expected, rtol=1e-5)
 
     data = TrainingData([], [], [], [], labels=[0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2])
     weights = data.class_weights()
