@@ -101,6 +101,20 @@ def test_a_base_that_is_no_gguf_exports_hf_and_gguf_says_how(tiny_model_dir, tin
     assert (tmp_path / "hf" / "config.json").is_file() and not list(tmp_path.glob(".hf-*"))
 
 
+def test_an_adapter_on_a_gguf_base_exports_as_a_transformers_folder(tiny_gguf_adapter, tmp_path):
+    """The base was dequantised and cached by the fixture; loaded again from that cache it must still save: the GGUF
+    quantizer marker in the cached config once made every hf export and merge of the embedded model fail."""
+    base_file, adapter = tiny_gguf_adapter
+    load_base_model(str(base_file))  # from the cache now
+    out = export(adapter, tmp_path / "hf", "hf", None, progress=False)
+    from transformers import AutoModelForCausalLM
+
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    merged = merged_reference(base_file, adapter).state_dict()
+    assert "quantization_config" not in (out / "config.json").read_text()
+    assert all(torch.equal(merged[name], back[name]) for name in merged)
+
+
 def agree_within(ours, theirs, tolerance: float) -> None:
     """Every log-likelihood within `tolerance`; so the labels can differ only where doratweet's best two answers
     are within 2 x tolerance of each other, and they must agree everywhere else."""

@@ -136,8 +136,7 @@ def _dequantised_gguf_folder(gguf: Path, *, base_model_id: str) -> Path:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except ImportError as err:
         raise UserError(f"--model {gguf}: reading GGUF needs the `gguf` package: pip install gguf ({err})") from err
-    # The dequantised weights are plain fp32 tensors; the GGUF quantizer marker only blocks saving them.
-    model.hf_quantizer = None
+    _forget_gguf_quantization(model)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
     try:
@@ -170,7 +169,22 @@ def _load_folder(folder: Path, dtype, trust_remote_code, base_model_id: str | No
     except (OSError, ValueError) as err:
         reason = first_line(err) or type(err).__name__
         raise UserError(f"--model {folder}: not a loadable model folder ({reason})") from err
+    _forget_gguf_quantization(model)  # dequantised copies cached before the marker was dropped from their config
     return BaseModel(model, tokenizer, base_model_id, str(folder))
+
+
+def _forget_gguf_quantization(model) -> None:
+    """Drop transformers' GGUF quantizer marker from a model dequantised from a GGUF: its weights are plain fp32
+    tensors, and the marker (on the model and in its config.json) only makes `save_pretrained` refuse them, so
+    export --format hf and merge of such a model failed."""
+    quantization = getattr(model.config, "quantization_config", None)
+    if isinstance(quantization, dict):
+        method = quantization.get("quant_method")
+    else:
+        method = getattr(quantization, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() == "gguf":
+        del model.config.quantization_config
+        model.hf_quantizer = None
 
 
 def _refuse_remote_code(folder: Path) -> None:
