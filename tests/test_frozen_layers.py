@@ -4,6 +4,7 @@ whole model, the cache is reused when it holds exactly what is asked, and rebuil
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -128,3 +129,106 @@ def test_float64_models_keep_a_float64_cache(tmp_path):
     add_adapters(model, AdapterConfig(rank=4, alpha=8, layers="top:1"))
     frozen = frozen_module.frozen_layers(model, [1, 2], [[3, 4]], 0, tmp_path, progress=False)
     assert frozen.hidden.dtype == "float64"
+
+
+def cache_of_the_tiny_model(tmp_path, prefix=(1, 2)):
+    model, _ = build_tiny_model()
+    add_adapters(model, AdapterConfig(rank=4, alpha=8, layers="top:1"))
+    return model, lambda: frozen_module.frozen_layers(model, list(prefix), [[5, 6, 7], [8, 9]], 0, tmp_path,
+                                                      progress=False)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda m: [],  # not an object
+    lambda m: None,
+    lambda m: {**m, "prefix_rows": "2"},
+    lambda m: {**m, "shape": [m["shape"][0] - 1, m["shape"][1]]},
+    lambda m: {k: v for k, v in m.items() if k != "sha256"},
+])
+def test_a_damaged_manifest_is_rebuilt_with_a_message(tmp_path, caplog, damage):
+    _, cache = cache_of_the_tiny_model(tmp_path)
+    first = cache()
+    (folder,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps(damage(manifest)))
+    again = cache()
+    assert "damaged or stale" in caplog.text
+    assert (again.hidden == first.hidden).all() and torch.equal(again.prefix, first.prefix)
+    assert json.loads((folder / "manifest.json").read_text()) == manifest
+
+
+def test_the_prefix_is_covered_by_the_checksum(tmp_path, caplog):
+    """The prefix's hidden states are the first rows of hidden.bin: changing them is caught like any damage."""
+    _, cache = cache_of_the_tiny_model(tmp_path)
+    first = cache()
+    (folder,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    with open(folder / "hidden.bin", "r+b") as f:
+        f.write(b"\x7f\x7f\x7f\x7f")  # the prefix's first value
+    again = cache()
+    assert "does not match its checksum" in caplog.text and torch.equal(again.prefix, first.prefix)
+
+
+def test_a_disk_too_small_for_the_cache_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from doratweet.errors import UserError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(frozen_module.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
+    _, cache = cache_of_the_tiny_model(tmp_path)
+    with pytest.raises(UserError, match=r"needs 0\.00 GiB in .*, which has 0\.00 GiB free; .*--no-cache-frozen"):
+        cache()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("obstacle", ["file", "dangling link"])
+def test_a_cache_folder_that_cannot_be_made_is_one_line_naming_it(tmp_path, obstacle):
+    from doratweet.errors import UserError
+
+    model, _ = build_tiny_model()
+    add_adapters(model, AdapterConfig(rank=4, alpha=8, layers="top:1"))
+    folder = tmp_path / "frozen-layers"
+    if obstacle == "file":
+        folder.write_text("not a folder")
+    else:
+        folder.symlink_to(tmp_path / "gone")
+    with pytest.raises(UserError, match=r"the frozen-layer cache .*frozen-layers.*DORATWEET_CACHE.*--no-cache-frozen"):
+        frozen_module.frozen_layers(model, [1], [[2, 3]], 0, folder, progress=False)
+
+
+def test_a_build_that_was_killed_leaves_nothing_once_the_next_build_runs(tmp_path):
+    """A SIGKILLed build cannot clean up: its folder names the host and process, and the next build of the same
+    entry removes it once that process is gone; a live build's folder is left alone."""
+    import socket
+    import subprocess
+
+    _, cache = cache_of_the_tiny_model(tmp_path)
+    cache()
+    (folder,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    host = socket.gethostname().replace(".", "-")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed = tmp_path / f".{folder.name}.{host}-{dead.pid}.0123abcd"
+    live = tmp_path / f".{folder.name}.{host}-{os.getpid()}.4567cdef"
+    for leftover in (killed, live):
+        leftover.mkdir()
+        (leftover / "hidden.bin").write_bytes(b"half")
+    (folder / "manifest.json").unlink()  # the entry must be built again
+    cache()
+    assert not killed.exists() and live.exists()
+
+
+def test_the_same_weights_read_from_another_path_share_the_cache(tmp_path, tiny_model_dir):
+    import shutil
+
+    from doratweet.models import load_base_model
+
+    copy = tmp_path / "same-weights"
+    shutil.copytree(tiny_model_dir, copy)
+    keys = []
+    for folder in (tiny_model_dir, copy):
+        model = load_base_model(str(folder)).model
+        add_adapters(model, AdapterConfig(rank=4, alpha=8, layers="top:1"))
+        bottom = frozen_module.decoder_view(model.get_decoder(), frozen_module.decoder_layers(model)[:1], False)
+        keys.append(frozen_module.cache_key(bottom, 1, [1], [[2, 3]], torch.float32))
+    assert keys[0] == keys[1]
