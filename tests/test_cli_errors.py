@@ -261,3 +261,48 @@ def test_the_first_line_of_an_error_is_its_message_up_to_the_first_newline_or_em
     assert first_line(RuntimeError("  disk full\n  at write()\n")) == "disk full"
     assert first_line(RuntimeError("")) == "" and first_line(RuntimeError("\n\n")) == ""  # was an IndexError in push
     assert first_line(ValueError("x" * 500), 200) == "x" * 200
+
+
+@pytest.mark.parametrize("verb", ["train", "run", "export"])
+@pytest.mark.parametrize("obstacle", ["dangling link", "parent is a file"])
+def test_an_out_that_cannot_be_made_is_one_line_before_any_work(tiny_model_dir, tiny_data_dir, tiny_run_dir, tmp_path,
+                                                                 capsys, verb, obstacle):
+    if obstacle == "dangling link":
+        out = tmp_path / "link"
+        out.symlink_to(tmp_path / "gone")
+        expected = f"--out {out}: a link to {tmp_path / 'gone'}, which does not exist"
+    else:
+        (tmp_path / "afile").write_text("mine")
+        out = tmp_path / "afile" / "sub"
+        expected = f"--out {out}: {tmp_path / 'afile'} is a file, not a folder"
+    if verb == "export":
+        args = ["--quiet", "export", "--adapter", str(tiny_run_dir), "--format", "hf", "--out", str(out)]
+    else:
+        args = [*run_args(tiny_model_dir, tiny_data_dir, out)]
+        args[1] = verb
+    assert exit_code(args) == 2
+    assert expected in one_error_line(capsys)
+    assert not (tmp_path / "gone").exists() and (obstacle != "parent is a file" or (tmp_path / "afile").read_text() == "mine")
+
+
+def test_a_training_stopped_before_it_wrote_anything_leaves_no_empty_out(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                           monkeypatch):
+    import doratweet.commands
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the frozen-layer cache is built, before anything is written
+
+    monkeypatch.setattr(doratweet.commands, "train", stopped)
+    args = run_args(tiny_model_dir, tiny_data_dir, tmp_path / "new")
+    args[1] = "train"
+    assert main(args) == 130
+    assert not (tmp_path / "new").exists()
+
+
+def test_no_cache_frozen_says_what_it_turns_off():
+    from doratweet.cli import build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    (action,) = [a for a in train._actions if "--no-cache-frozen" in a.option_strings]
+    assert action.help.startswith("with --layers: run the frozen layers below the adapters at every step, instead")
+    assert action.help.endswith("(default: off)")

@@ -93,6 +93,13 @@ def test_export_never_replaces_what_is_there_and_says_what_to_do(tiny_gguf_adapt
     assert "already exists" in err[0] and "README.md or Modelfile" in err[-1]
 
 
+def test_an_out_ending_in_upper_case_gguf_is_the_file(tiny_gguf_adapter, tmp_path):
+    _, adapter = tiny_gguf_adapter
+    assert main(["--quiet", "export", "--adapter", str(adapter), "--format", "gguf", "--quant", "f32",
+                 "--out", str(tmp_path / "Model.GGUF")]) == 0
+    assert (tmp_path / "Model.GGUF").is_file() and (tmp_path / "Modelfile").is_file()
+
+
 def test_a_base_that_is_no_gguf_exports_hf_and_gguf_says_how(tiny_model_dir, tiny_run_dir, tmp_path, capsys):
     assert main(["export", "--adapter", str(tiny_run_dir), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) != 0
     err = capsys.readouterr().err.strip()

@@ -165,6 +165,20 @@ def test_report_never_replaces_a_readme_it_did_not_write(tiny_run_dir, tmp_path,
     assert (run / "README.md").read_text() == "# My own notes\n"
 
 
+def test_a_card_the_user_edited_is_neither_rebuilt_nor_overwritten(tiny_run_dir, tiny_model_dir, tiny_data_dir,
+                                                                  tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run)
+    assert main(["--quiet", "report", str(run)]) == 0  # doratweet's own card, unchanged: rebuilt
+    with (run / "README.md").open("a") as card:
+        card.write("\nMy notes on this run.\n")
+    edited = (run / "README.md").read_text()
+    assert main(["--quiet", "report", str(run)]) == 2
+    assert "README.md: does not hold what doratweet writes there, or was changed since" in capsys.readouterr().err
+    assert main(run_args(tiny_model_dir, tiny_data_dir, run, "--overwrite")) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and (run / "README.md").read_text() == edited
+
+
 def test_overwrite_replaces_a_previous_run_whole_and_its_checkpoints_cannot_be_resumed(
         tiny_model_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "run"

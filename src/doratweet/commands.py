@@ -11,7 +11,7 @@ from .config import DataConfig, RunConfig
 from .data import load_split
 from .errors import UserError
 from .evaluate import UNPARSED, inference_model, timed_predictions
-from .files import write_atomically
+from .files import check_creatable, write_atomically
 from .hardware import default_device, environment
 from .models import load_base_model
 from .predict import (
@@ -30,6 +30,7 @@ from .run_folder import (
     is_json_object,
     is_label_ids,
     refuse_to_replace,
+    remove_if_still_empty,
     start_out_dir,
     write_json,
     write_label_ids,
@@ -46,11 +47,14 @@ def train_command(config: RunConfig) -> dict:
     prepared = load_model_for_training(config)
     if config.init_adapter:
         load_adapter(prepared.base.model, config.init_adapter, dropout=config.train.adapter.dropout)
-    if distributed.is_main_process():
-        start_out_dir(config.out, config.overwrite)
-    summary = train(prepared.base.model, prepared.fmt, data.train, data.splits.get("validation"), config.train,
-                    config.out, notes=prepared.notes, resume=config.resume, progress=config.progress,
-                    base_model_id=prepared.base.base_model_id, report_to=config.report_to)
+    made = distributed.is_main_process() and start_out_dir(config.out, config.overwrite)
+    try:
+        summary = train(prepared.base.model, prepared.fmt, data.train, data.splits.get("validation"), config.train,
+                        config.out, notes=prepared.notes, resume=config.resume, progress=config.progress,
+                        base_model_id=prepared.base.base_model_id, report_to=config.report_to)
+    except BaseException:
+        remove_if_still_empty(config.out, made)
+        raise
     if distributed.is_main_process():
         write_json(config.out / SUMMARY_FILE, summary)
         log.info("adapter saved in %s", config.out / ADAPTER_DIR)
@@ -142,11 +146,12 @@ def export_command(args) -> Path:
     from .export import export
 
     out = Path(args.out)
+    check_creatable(out, "--out")
     if args.format == "hf" and args.quant is not None:
         raise UserError(f"--quant {args.quant}: applies to --format gguf; a transformers folder keeps the base "
                         "model's dtype")
     folder = adapter_folder(args.adapter)
-    if args.format == "hf" or out.suffix != ".gguf":
+    if args.format == "hf" or out.suffix.lower() != ".gguf":
         if out.exists():
             raise UserError(f"--out {out}: already exists; choose a new folder")
     elif out.exists() or out.is_symlink():

@@ -54,7 +54,7 @@ def export(adapter_dir: Path, out: Path, fmt: str, quant: str = "f16", model: st
     system_prompt = record.notes.system_prompt or make_prompt_format(base.tokenizer).system_prompt
     if fmt == "hf":
         return _write_hf_folder(base, out)
-    out_file = out if out.suffix == ".gguf" else out / f"{adapter_name(adapter_dir)}.{quant}.gguf"
+    out_file = out if out.suffix.lower() == ".gguf" else out / f"{adapter_name(adapter_dir)}.{quant}.gguf"
     with atomic_path(out_file) as tmp:
         write_gguf(base.model, source, tmp, quant, system_prompt, progress)
     write_atomically(out_file.parent / "Modelfile", modelfile(out_file.name, system_prompt))

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import UserError
+
 
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
@@ -47,3 +49,25 @@ def sha256_of(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_creatable(path: str | os.PathLike, option: str) -> None:
+    """Refuse in one line, before any work, an output path that cannot be made: a link to nothing, a file where a
+    folder must be, a folder without write permission (or on a read-only disk)."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{option} {path}: a link to {os.readlink(path)}, which does not exist; remove the link or "
+                        "choose another path")
+    place = path if path.exists() else path.parent
+    while not place.exists() and not place.is_symlink() and place != place.parent:
+        place = place.parent
+    if place.is_symlink() and not place.exists():
+        raise UserError(f"{option} {path}: {place} is a link to {os.readlink(place)}, which does not exist; "
+                        "choose another path")
+    if place.exists() and not place.is_dir():
+        if place == path:
+            return  # an existing file: the verb's own check says what to do with it
+        raise UserError(f"{option} {path}: {place} is a file, not a folder; choose another path")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: cannot write in {place} (permission denied or a read-only disk); choose "
+                        "another path")

@@ -35,6 +35,7 @@ from .run_folder import (
     refuse_foreign_plots,
     refuse_links,
     refuse_to_replace,
+    sealed_card,
 )
 
 HUB_DATASET = "cardiffnlp/tweet_eval"
@@ -752,5 +753,5 @@ def write_report(run_dir: str | Path) -> Path:
     refuse_to_replace(readme, is_own_card, "the model card")
     refuse_foreign_plots(run_dir)
     plots = write_plots(run_dir, metrics, log)
-    write_atomically(readme, render_model_card(metrics, adapter_config, plots, run_dir).encode("utf-8"))
+    write_atomically(readme, sealed_card(render_model_card(metrics, adapter_config, plots, run_dir)).encode("utf-8"))
     return readme

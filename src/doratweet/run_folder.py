@@ -16,6 +16,7 @@ label files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -27,7 +28,7 @@ from .adapters.peft_format import CONFIG_FILE as ADAPTER_CONFIG_FILE
 from .adapters.peft_format import WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE
 from .checkpoints import STATE_FILE, TENSORS_FILE, checkpoint_folders
 from .errors import UserError
-from .files import write_atomically
+from .files import check_creatable, write_atomically
 
 # What `doratweet train` writes, and each round of `doratweet run`:
 ADAPTER_DIR = "adapter"  # the best adapter, in PEFT's format
@@ -103,14 +104,28 @@ def _train_log(path: Path) -> bool:
     return isinstance(line, dict) and "step" in line
 
 
+_CARD_SEAL = "<!-- doratweet wrote this card; the SHA-256 of the text above: "
+
+
+def sealed_card(text: str) -> str:
+    """The card with a last line holding its checksum, so that a card the user edited is told from one doratweet
+    wrote, and --overwrite or `report` never replace the user's edits."""
+    return f"{text}{_CARD_SEAL}{hashlib.sha256(text.encode('utf-8')).hexdigest()} -->\n"
+
+
 def is_own_card(path: Path) -> bool:
-    """A model card `doratweet report` wrote: YAML front matter whose tags include `doratweet`."""
+    """A model card `doratweet report` wrote, unchanged since: YAML front matter whose tags include `doratweet`, and
+    the checksum of `sealed_card` (cards written before the seal existed have none)."""
     import yaml
 
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return False
+    if _CARD_SEAL in text:
+        body, _, seal = text.rpartition(_CARD_SEAL)
+        if seal != f"{hashlib.sha256(body.encode('utf-8')).hexdigest()} -->\n":
+            return False
     if not text.startswith("---\n") or "\n---" not in text[3:]:
         return False
     try:
@@ -132,7 +147,7 @@ def _file(recognised: Callable[[Path], bool] = _anything) -> Check:
         if not path.is_file():
             raise _Foreign(path, "is not a plain file")
         if not recognised(path):
-            raise _Foreign(path, "does not hold what doratweet writes there")
+            raise _Foreign(path, "does not hold what doratweet writes there, or was changed since")
     return check
 
 
@@ -276,6 +291,7 @@ def check_out_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:
     """Refuse, before anything is loaded or written, an --out that would lose the user's files or cannot resume."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir}: is a file; choose a folder")
+    check_creatable(out_dir, "--out")
     if resume and not any(checkpoint_folders(folder / CHECKPOINT_DIR) or (folder / SUMMARY_FILE).is_file()
                           for folder in [out_dir, *out_dir.glob("round-*")]):
         raise UserError(f"--resume: no checkpoint in {out_dir / CHECKPOINT_DIR}; train without --resume, or point "
@@ -291,13 +307,23 @@ def check_out_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:
         previous_run_entries(out_dir)  # refuses, naming it, anything under a run's names that no run wrote
 
 
-def start_out_dir(out_dir: Path, overwrite: bool) -> None:
+def start_out_dir(out_dir: Path, overwrite: bool) -> bool:
     """Create --out once the inputs are known to be good, so a bad input leaves no half-made folder behind.
     --overwrite removes the previous run's files (only those: see above), so that none of them passes for this
-    run's: an old checkpoint or round a later --resume would pick up, an old card beside a new adapter."""
+    run's: an old checkpoint or round a later --resume would pick up, an old card beside a new adapter.
+    Returns whether the folder was made now (see `remove_if_still_empty`)."""
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:
         remove_previous_run(out_dir)
+    return made
+
+
+def remove_if_still_empty(out_dir: Path, made: bool) -> None:
+    """A run stopped or failed before it wrote anything (in the frozen-layer cache's build, say) leaves no empty
+    --out behind, if it made the folder."""
+    if made and out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
 
 
 def write_json(path: Path, value) -> None:
