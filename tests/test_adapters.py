@@ -280,6 +280,17 @@ def test_layers_the_model_lacks_are_refused_in_one_line():
         add_adapters(model, rank=4, alpha=8, layers="1-2")
 
 
+@pytest.mark.parametrize("layers, message", [
+    ("1-0", "--layers 1-0: the range 1-0 runs backwards; write it 0-1"),
+    ("0-1,1-0", "--layers 0-1,1-0: the range 1-0 runs backwards; write it 0-1"),
+    ("0-9999999999", "--layers 0-9999999999: this model has 2 decoder layers, numbered 0-1"),  # before any range
+])
+def test_ranges_that_run_backwards_or_past_the_model_are_refused_in_one_line(layers, message):
+    model, _ = build_tiny_model()
+    with pytest.raises(UserError, match=re.escape(message)):
+        add_adapters(model, rank=4, alpha=8, layers=layers)
+
+
 def test_the_top_k_of_fewer_than_k_layers_are_all_of_them():
     """The quick preset's top:15 on a model of fewer layers adapts every layer, and is saved as what it is: all."""
     model, _ = build_tiny_model()

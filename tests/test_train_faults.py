@@ -255,8 +255,11 @@ def test_resume_without_a_checkpoint_is_one_clear_line(tiny_model_dir, tiny_data
 def test_resume_with_other_options_is_refused(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_dying("mid-step", 7, train_args(tiny_model_dir, tiny_data_dir, out)).returncode == -signal.SIGKILL
-    assert main(train_args(tiny_model_dir, tiny_data_dir, out, "--resume", "--lr", "1e-3")) == 2
-    assert "options differ from the checkpoint's (lr)" in capsys.readouterr().err
+    assert main(train_args(tiny_model_dir, tiny_data_dir, out, "--resume", "--lr", "1e-3", "--train-precision",
+                           "fp32", "--class-weighted")) == 2
+    err = capsys.readouterr().err  # as the user gave them: flags and values, not the settings' internal names
+    assert "options differ from the checkpoint's (--lr " in err and " then, 0.001 now; " in err
+    assert "--train-precision auto then, fp32 now" in err and "--class-weighted not given then, given now" in err
 
 
 def test_checkpoints_load_without_pickle(uninterrupted):

@@ -83,6 +83,7 @@ def test_options_the_command_line_reads_from_text_are_written_as_that_text(tmp_p
     ("- lr\n", "must be a YAML mapping"),
     ("learning_rate: 0.001\n", "learning_rate: not an option tune can search"),
     ("eval_every: 10\n", "eval_every: not an option tune can search"),
+    ("cache_frozen: {choices: [true, false]}\n", "cache_frozen: not an option tune can search"),
     ("lr: {low: 0.01, high: 0.001}\n", "lr: low (0.01) must be below high (0.001)"),
     ("lr: {low: 0, high: 0.01, log: true}\n", "lr: a log-scaled range needs low above 0"),
     ("lr: {low: 0.001}\n", "lr: a range needs both low and high"),

@@ -167,6 +167,37 @@ def _comparable(options: dict) -> dict:
     return options
 
 
+def _flag(name: str) -> str:
+    """A setting as the command line spells it (`bf16` is --train-precision, `cache_frozen` --no-cache-frozen)."""
+    from dataclasses import fields
+
+    from .config import AdapterConfig, TrainConfig
+
+    for f in (*fields(AdapterConfig), *fields(TrainConfig)):
+        if f.name == name and "help" in f.metadata:
+            flag = f.metadata.get("flag", "--" + name.replace("_", "-"))
+            return "--no-" + flag[2:] if f.default is True else flag
+    return name  # the run's notes (extra): the system prompt, the base model
+
+
+def _difference(name: str, then, now) -> str:
+    """One setting a resume would change, as the user gave it: `--lr 0.0005 then, 0.001 now`."""
+    if name == "extra":  # the run's notes: name what differs, not the whole record
+        keys = sorted(k for k in {*(then or {}), *(now or {})} if (then or {}).get(k) != (now or {}).get(k))
+        return "the run's " + ", ".join(k.replace("_", " ") for k in keys)
+    flag = _flag(name)
+    if isinstance(then, bool) and isinstance(now, bool):
+        given = then != flag.startswith("--no-")
+        return f"{flag} {'given' if given else 'not given'} then, {'not given' if given else 'given'} now"
+    return f"{flag} {_shown(name, then)} then, {_shown(name, now)} now"
+
+
+def _shown(name: str, value) -> str:
+    if name == "bf16":
+        return {None: "auto", True: "bf16", False: "fp32"}.get(value, str(value))
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def save_training_checkpoint(folder: Path, model, optimizer, scheduler, progress: dict, settings: dict,
                              log_bytes: int) -> None:
     """Everything needed to continue exactly: adapter weights, optimizer, schedule, RNG, progress, log length.
@@ -204,7 +235,8 @@ def load_training_checkpoint(folder: Path, model, optimizer, scheduler, settings
     written = _comparable(saved["config"])
     changed = [k for k in current if k in written and written[k] != current[k]]
     if changed:
-        raise UserError(f"--resume: options differ from the checkpoint's ({', '.join(changed)}); use the same options")
+        shown = "; ".join(_difference(k, written[k], current[k]) for k in changed)
+        raise UserError(f"--resume: options differ from the checkpoint's ({shown}); use the same options")
     with distributed.whole_adapter(model):
         adapter = {k.removeprefix("adapter."): v for k, v in tensors.items() if k.startswith("adapter.")}
         copy_adapter_tensors(model, adapter, folder)

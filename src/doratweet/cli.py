@@ -33,10 +33,10 @@ def add_config_options(group, defaults, verb: str, default_text: str | None = No
             continue
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         default = getattr(defaults, f.name)
-        if hints[f.name] is bool:  # a switch that is on by default is turned off with --no-NAME
-            flag = flag if not default else "--no-" + flag[2:]
+        if hints[f.name] is bool:  # a switch that is on by default is turned off with --no-NAME, whose help says
+            flag = flag if not default else "--no-" + flag[2:]  # what turning it off does: off unless given
             group.add_argument(flag, dest=f.name, action="store_const", const=not default, default=None,
-                               help=f"{f.metadata['help']} (default: {'on' if default else 'off'})")
+                               help=f"{f.metadata['help']} (default: off)")
             continue
         shown = default_text or f.metadata.get("default_help") or (
             ",".join(default) if isinstance(default, tuple) else default)

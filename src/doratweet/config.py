@@ -74,8 +74,9 @@ class TrainConfig:
         "help": "write a resumable checkpoint every N steps (0: only on Ctrl-C)", "verbs": ("run", "train")})
     log_every: int = field(default=10, metadata={"help": "write the mean training loss to train_log.jsonl every N steps"})
     cache_frozen: bool = field(default=True, metadata={
-        "help": "with --layers: compute the frozen layers below the adapters once per tweet, keep their output on "
-                "disk under the cache folder, and train only the layers above (off: run them every step)"})
+        "help": "with --layers: run the frozen layers below the adapters at every step, instead of once per tweet "
+                "with their output kept on disk under the cache folder (DORATWEET_CACHE); the cache is computed in "
+                "fp32, so with bf16 training the two differ in the last bits"})
     eval_batch_size: int = 32  # validation tweets per batch
     bf16: bool | None = field(default=None, metadata={
         "flag": "--train-precision", "parse": parse_precision, "default_help": "auto", "metavar": "{auto,fp32,bf16}",

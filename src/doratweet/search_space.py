@@ -24,8 +24,9 @@ from .adapters.config import AdapterConfig
 from .config import RunConfig, TrainConfig
 from .errors import UserError
 
-# Set by `tune` for every trial (how it is validated, checkpointed and logged), or not per trial (--fsdp).
-_NOT_SEARCHED = ("eval_every", "eval_limit", "save_every", "log_every", "fsdp", "eval_batch_size")
+# Set by `tune` for every trial (how it is validated, checkpointed and logged), or not per trial (--fsdp and
+# --no-cache-frozen: how a trial runs, not what it learns).
+_NOT_SEARCHED = ("eval_every", "eval_limit", "save_every", "log_every", "fsdp", "eval_batch_size", "cache_frozen")
 SYSTEM_PROMPT = "system_prompt"
 
 

@@ -33,9 +33,13 @@ def layer_indices(spec: str, layer_count: int) -> tuple[int, ...]:
     chosen = set()
     for part in spec.split(","):
         first, _, last = part.partition("-")
-        chosen.update(range(int(first), int(last or first) + 1))
-    if not chosen or max(chosen) >= layer_count:
-        raise UserError(f"--layers {spec}: this model has {layer_count} decoder layers, numbered 0-{layer_count - 1}")
+        first, last = int(first), int(last or first)
+        if last < first:
+            raise UserError(f"--layers {spec}: the range {part} runs backwards; write it {last}-{first}")
+        if last >= layer_count:  # checked before the range is made: 0-9999999999 would fill the memory
+            raise UserError(f"--layers {spec}: this model has {layer_count} decoder layers, numbered "
+                            f"0-{layer_count - 1}")
+        chosen.update(range(first, last + 1))
     return tuple(sorted(chosen))
 
 
@@ -67,9 +71,9 @@ class AdapterConfig:
     use_rslora: bool = field(default=False, metadata={
         "help": "scale by alpha/sqrt(r) (rank-stabilised LoRA)", "flag": "--rslora"})
     layers: str = field(default="all", metadata={
-        "help": "decoder layers that get adapters: all, top:K (the K nearest the output), or indices and ranges "
-                "such as 22-29; the frozen layers below them run once per tweet, not every step (see "
-                "--no-cache-frozen)"})
+        "help": "decoder layers that get adapters: all, top:K (the K nearest the output; all of them in a model "
+                "with fewer), or indices and ranges such as 22-29; the frozen layers below them run once per tweet, "
+                "not every step (see --no-cache-frozen)"})
 
     def __post_init__(self):
         if not isinstance(self.targets, str):
