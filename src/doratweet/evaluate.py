@@ -126,6 +126,47 @@ def branch_attention_mask(rest_mask: torch.Tensor, prefix_len: int, branches: An
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+@dataclass
+class ScoringBatch:
+    """One batch of `score_labels`, laid out for a single forward pass of the transformer body after the cached
+    shared prefix: [left padding][rest of the prompt][answer branches], with the mask and positions that make it
+    equal to scoring each answer after each whole prompt."""
+
+    rows: list[int]  # the batch's prompts, as indices into the prompts scored
+    input_ids: torch.Tensor  # [B, R+S]
+    attention_mask: torch.Tensor  # [B, 1, R+S, P+R+S] additive (P: the cached prefix's length)
+    position_ids: torch.Tensor  # [B, R+S]
+    prompt_width: int  # R: the last prompt token is at column R-1, the answer branches start at column R
+
+
+def scoring_batches(fmt: PromptFormat, rests: list[list[int]], prefix_len: int, branches: AnswerBranches,
+                    batch_size: int, dtype, device):
+    """The batches of `score_labels` for the prompts' `rests` (each prompt without the shared prefix); also what
+    other engines than torch (benchmarks/cpu_engines.py) feed their own copy of the body."""
+    for batch in batches_by_length(rests, batch_size):
+        ids, rest_mask, rest_positions = left_pad([rests[i] for i in batch], fmt.tokenizer.pad_token_id, device)
+        b, r = ids.shape
+        last = rest_positions[:, -1:] + prefix_len
+        yield ScoringBatch(batch, torch.cat([ids, branches.fed.expand(b, -1)], dim=1),
+                           branch_attention_mask(rest_mask, prefix_len, branches, dtype),
+                           torch.cat([rest_positions + prefix_len, last + 1 + branches.depth], dim=1), r)
+
+
+def answer_log_likelihoods(head, hidden: torch.Tensor, batch: ScoringBatch, branches: AnswerBranches) -> torch.Tensor:
+    """[B, labels]: each answer's log-likelihood, read from the body's output for `batch`; the vocabulary
+    projection runs only at the positions that predict an answer token."""
+    b, r = hidden.shape[0], batch.prompt_width
+    logp_first = torch.log_softmax(fp32_or_wider(head(hidden[:, r - 1])), dim=-1)  # [B, V]
+    scores = logp_first[:, branches.first_tokens]  # [B, labels]
+    if len(branches.fed):
+        # 2-D input: a strided 3-D slice makes the projection a batched matmul over B copies of the head.
+        fed_hidden = hidden[:, r:].reshape(-1, hidden.shape[-1])
+        logp = torch.log_softmax(fp32_or_wider(head(fed_hidden)), dim=-1).view(b, -1, logp_first.shape[-1])  # [B, S, V]
+        token_logp = logp.gather(-1, branches.targets.expand(b, -1).unsqueeze(-1)).squeeze(-1)  # [B, S]
+        scores = scores.index_add(1, branches.label, token_logp)
+    return scores
+
+
 @torch.no_grad()
 def score_labels(
     model, fmt: PromptFormat, prompts: list[list[int]], batch_size: int = 32, progress: bool = False
@@ -140,36 +181,26 @@ def score_labels(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     branches = AnswerBranches.of(fmt.answer_ids, device)
-    n_labels = len(fmt.answer_ids)
-
     prefix = common_prefix(fmt, prompts)
     prefix_keys_values = prefix_cache(decoder, prefix, 1, device)  # the same for every batch: computed once
     rests = [p[len(prefix) :] for p in prompts]
-    scores = np.zeros((len(prompts), n_labels), dtype=np.float64)
-    batches = batches_by_length(rests, batch_size)
-    for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
-        # [shared prefix][left padding][rest of the prompt][answer branches]: pads are masked out.
-        ids, rest_mask, rest_positions = left_pad([rests[i] for i in batch], fmt.tokenizer.pad_token_id, device)
-        b, r = ids.shape
-        cache = batch_copy(prefix_keys_values, b)
-        last = rest_positions[:, -1:] + len(prefix)
-        positions = torch.cat([rest_positions + len(prefix), last + 1 + branches.depth], dim=1)
-        hidden = decoder(input_ids=torch.cat([ids, branches.fed.expand(b, -1)], dim=1),
-                         attention_mask=branch_attention_mask(rest_mask, len(prefix), branches, dtype),
-                         position_ids=positions, past_key_values=cache, use_cache=cache is not None).last_hidden_state
-        logp_first = torch.log_softmax(fp32_or_wider(head(hidden[:, r - 1])), dim=-1)  # [B, V]
-        batch_scores = logp_first[:, branches.first_tokens]  # [B, labels]
-        if len(branches.fed):
-            # 2-D input: a strided 3-D slice makes the projection a batched matmul over B copies of the head.
-            fed_hidden = hidden[:, r:].reshape(-1, hidden.shape[-1])
-            logp = torch.log_softmax(fp32_or_wider(head(fed_hidden)), dim=-1).view(b, -1, logp_first.shape[-1])  # [B, S, V]
-            token_logp = logp.gather(-1, branches.targets.expand(b, -1).unsqueeze(-1)).squeeze(-1)  # [B, S]
-            batch_scores = batch_scores.index_add(1, branches.label, token_logp)
-        scores[batch] = batch_scores.double().cpu().numpy()
+    scores = np.zeros((len(prompts), len(fmt.answer_ids)), dtype=np.float64)
+    batches = scoring_batches(fmt, rests, len(prefix), branches, batch_size, dtype, device)
+    total = -(-len(rests) // batch_size)
+    for batch in tqdm(batches, total=total, desc="scoring", unit="batch", disable=not progress, leave=False):
+        cache = batch_copy(prefix_keys_values, len(batch.rows))
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids, past_key_values=cache,
+                         use_cache=cache is not None).last_hidden_state
+        scores[batch.rows] = answer_log_likelihoods(head, hidden, batch, branches).double().cpu().numpy()
+    return finite_or_error(scores, model)
+
+
+def finite_or_error(scores: np.ndarray, model) -> np.ndarray:
     broken = int((~np.isfinite(scores)).any(axis=1).sum())
     if broken:  # fp16 (and, rarely, bf16) activations can overflow; a NaN label would be silently wrong
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-        raise UserError(f"scoring: {broken} of {len(prompts)} tweets got non-finite scores with {dtype} weights "
+        raise UserError(f"scoring: {broken} of {len(scores)} tweets got non-finite scores with {dtype} weights "
                         "(a numerical overflow); use --precision fp32")
     return scores
 
