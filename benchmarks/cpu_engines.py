@@ -8,15 +8,15 @@ model from the adapter (merge, and for llama.cpp the GGUF export).
 Engines: torch fp32 (merged), torch bf16 (merged, fp32 output head: doratweet's default where bf16 is fast), torch
 int8 (`quantize_dynamic` of the body's linears, x86 backend), llama.cpp f16 and q8_0 (llama-cpp-python on
 `doratweet export --format gguf`), OpenVINO (f32, bf16, and int8 weights by NNCF with bf16 or dynamically quantised
-activations) and ONNX Runtime (f32, and int8 by its dynamic quantisation). OpenVINO and ONNX Runtime run the
+activations), ONNX Runtime (f32, and int8 by its dynamic quantisation) and CTranslate2 (float32, int8). OpenVINO and ONNX Runtime run the
 transformer body as a graph converted from the merged fp32 model, with the shared prompt prefix's keys and values in
 it as constants; they get exactly the inputs doratweet's own body gets (`evaluate.scoring_batches`) and doratweet's
 fp32 head reads their output (`evaluate.answer_log_likelihoods`), so only the body's arithmetic differs.
 
     python benchmarks/cpu_engines.py --data ../shared/data/tweeteval/sentiment --limit 2000
 
-OpenVINO, NNCF, ONNX Runtime, onnx and onnxscript are not doratweet requirements: put them on PYTHONPATH
-(`pip install --target DIR openvino nncf onnxruntime onnx onnxscript`).
+OpenVINO, NNCF, ONNX Runtime, onnx, onnxscript and CTranslate2 are not doratweet requirements: put them on
+PYTHONPATH (`pip install --target DIR openvino nncf onnxruntime onnx onnxscript ctranslate2`).
 
 Prints a table and writes JSON. Not a test.
 """
@@ -33,7 +33,8 @@ from datetime import date
 from pathlib import Path
 
 ENGINES = ("torch-fp32", "torch-bf16", "torch-int8", "llama.cpp-f16", "llama.cpp-q8_0", "openvino-f32", "openvino-bf16",
-           "openvino-int8w-bf16", "openvino-int8w-dq", "onnxruntime-f32", "onnxruntime-int8")
+           "openvino-int8w-bf16", "openvino-int8w-dq", "onnxruntime-f32", "onnxruntime-int8", "ctranslate2-float32",
+           "ctranslate2-int8")
 
 
 def peak_rss_mb() -> float:
@@ -59,7 +60,15 @@ def measure(engine: str, data: str, limit: int, adapter: str | None) -> dict:
     started = time.perf_counter()
     base = load_base_model()
     fmt = make_prompt_format(base.tokenizer)
-    if engine.startswith(("openvino", "onnxruntime")):
+    if engine.startswith("ctranslate2"):
+        load_adapter(base.model, folder)
+        model = inference_model(base.model, torch.device("cpu"), bf16=False, copy=False)
+        prompts = fmt.prompt_ids(split.texts)
+        score = ctranslate2_scorer(model, base.tokenizer, fmt, prompts, engine.split("-", 1)[1])
+        built = time.perf_counter() - started
+        started = time.perf_counter()
+        scores = score()
+    elif engine.startswith(("openvino", "onnxruntime")):
         load_adapter(base.model, folder)
         model = inference_model(base.model, torch.device("cpu"), bf16=False, copy=False)
         prompts = fmt.prompt_ids(split.texts)
@@ -205,6 +214,34 @@ def onnxruntime_scorer(body: BodyAfterPrefix, variant: str):
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda: body.scores(lambda ids, mask, positions: session.run(
         None, {"input_ids": ids, "attention_mask": mask, "position_ids": positions})[0])
+
+
+def ctranslate2_scorer(model, tokenizer, fmt, prompts: list[list[int]], compute_type: str):
+    """CTranslate2 on the merged model (converted from a transformers folder; this build offers float32 and int8 on
+    CPUs, no bf16). Its `score_batch` gives each token's log-probability after the tokens before it, but takes whole
+    sequences: every tweet is scored as three sequences, prompt + answer, with no shared prefix and no branches."""
+    import tempfile
+
+    import ctranslate2
+    import numpy as np
+    import torch
+    from ctranslate2.converters import TransformersConverter
+
+    folder = Path(tempfile.mkdtemp())
+    model.save_pretrained(folder / "hf")
+    tokenizer.save_pretrained(folder / "hf")
+    TransformersConverter(str(folder / "hf")).convert(str(folder / "ct2"), quantization=compute_type)
+    generator = ctranslate2.Generator(str(folder / "ct2"), device="cpu", compute_type=compute_type,
+                                      intra_threads=torch.get_num_threads())
+    answers = fmt.answer_ids
+
+    def score():
+        sequences = [tokenizer.convert_ids_to_tokens(prompt + answer) for prompt in prompts for answer in answers]
+        results = generator.score_batch(sequences, max_batch_size=32 * len(answers))
+        return np.array([sum(result.log_probs[-len(answers[i % len(answers)]):]) for i, result in enumerate(results)],
+                        dtype=np.float64).reshape(len(prompts), len(answers))
+
+    return score
 
 
 def main() -> None:
