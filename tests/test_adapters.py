@@ -291,6 +291,19 @@ def test_ranges_that_run_backwards_or_past_the_model_are_refused_in_one_line(lay
         add_adapters(model, rank=4, alpha=8, layers=layers)
 
 
+def test_an_adapters_layers_that_the_model_lacks_name_its_config_not_an_option(tmp_path):
+    model, _ = build_tiny_model()
+    add_adapters(model, rank=4, alpha=8, layers="1")
+    save_adapter(model, tmp_path / "adapter")
+    smaller, _ = build_tiny_model()
+    smaller.model.layers = smaller.model.layers[:1]
+    smaller.config.num_hidden_layers = 1
+    with pytest.raises(UserError, match=re.escape(
+            f"{tmp_path / 'adapter' / 'adapter_config.json'}: its layers_to_transform (1) do not fit this model "
+            "(this model has 1 decoder layers, numbered 0-0); use the base model it was trained on (--model)")):
+        load_adapter(smaller, tmp_path / "adapter")
+
+
 def test_the_top_k_of_fewer_than_k_layers_are_all_of_them():
     """The quick preset's top:15 on a model of fewer layers adapts every layer, and is saved as what it is: all."""
     model, _ = build_tiny_model()

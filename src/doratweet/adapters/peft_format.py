@@ -199,7 +199,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, dropout: float | Non
     if not weights_file.is_file():
         raise UserError(f"--adapter {path}: {WEIGHTS_FILE} is missing")
     config = saved.config if dropout is None else replace(saved.config, dropout=dropout)
-    add_adapters(model, config)
+    try:
+        add_adapters(model, config)
+    except UserError as err:  # the adapter's own layers, not an option the user gave, do not fit this model
+        if config.layers == "all" or not str(err).startswith("--layers"):
+            raise
+        raise UserError(f"{Path(path) / CONFIG_FILE}: its layers_to_transform ({config.layers}) do not fit this "
+                        f"model ({str(err).split(': ', 1)[1]}); use the base model it was trained on "
+                        "(--model)") from err
     now = adapter_record(model)
     set_adapter_record(model, AdapterRecord(config, saved.base_model_id, now.notes.updated(saved.notes)))
     check_same_base(adapter_modules(model), saved.notes.base_fingerprint, saved.base_model_id, weights_file)
